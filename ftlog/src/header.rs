@@ -1,0 +1,38 @@
+//! The log header: what a replayer must know before the first entry.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ExecBackend;
+
+/// Describes the recorded session. It is the first frame of every log.
+///
+/// The format version is not here: it sits in the stream preamble, where a
+/// reader can check it before decoding anything (see [`crate::codec`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogHeader {
+    /// What the entries' [`crate::ExecPoint::count`] counts.
+    pub backend: ExecBackend,
+    /// Hash of the guest kernel image the recording booted (32 bytes; ftvmm
+    /// uses BLAKE3). A replayer refuses to start on another image.
+    pub image_digest: [u8; 32],
+    /// Guest RAM in MiB.
+    pub mem_mib: u32,
+    /// The guest kernel command line.
+    pub cmdline: String,
+    /// What [`crate::EntryKind::Digest`] values are a hash of.
+    pub state_digest: DigestKind,
+    /// Host milliseconds between the primary's periodic state digests;
+    /// None if only the final one is logged. Informational: a replayer
+    /// checks digests wherever the log has them.
+    pub digest_interval_ms: Option<u64>,
+}
+
+/// How state digests are computed, so a replayer can refuse a log whose
+/// digests it cannot reproduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DigestKind {
+    /// BLAKE3 over RAX..R15, RIP, RFLAGS, CR0, CR2, CR3, CR4 and EFER (each
+    /// as a little-endian u64, in that order), then all of guest RAM by
+    /// ascending guest-physical address.
+    Blake3RegsRam,
+}

@@ -1,0 +1,159 @@
+//! Kernel state and the three things that touch it: the timer ISR, the UART
+//! ISR and the sleep syscall.
+//!
+//! All handlers run with interrupts off (interrupt gates) except inside the
+//! syscall's `sti; hlt`, where an ISR can nest; state lives in atomics so no
+//! `static mut` is needed (a single CPU: relaxed loads/stores suffice).
+
+use core::arch::asm;
+use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+
+use crate::cmdline::Config;
+use crate::idt::Frame;
+use crate::{pic, pit, power, serial};
+
+/// Timer ticks so far. The user loop reads it every iteration.
+static TICKS: AtomicU64 = AtomicU64::new(0);
+/// The user loop ends its slice early once TICKS reaches this (the next
+/// digest or stop tick), so lines come out at the tick they name.
+static BREAK_AT: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Digest of everything the ISRs saw: where each tick landed, received
+/// bytes, clock/entropy/PIT reads.
+static STATE: AtomicU64 = AtomicU64::new(0);
+
+/// `ticks=`: power off at this tick (0 = never).
+static STOP_AT: AtomicU64 = AtomicU64::new(0);
+/// `digest_every=` (0 = never), and the tick the next digest line is for.
+static DIGEST_EVERY: AtomicU64 = AtomicU64::new(0);
+static NEXT_DIGEST: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Received bytes waiting to be echoed by the syscall path.
+const RX_LEN: usize = 64;
+static RX: [AtomicU8; RX_LEN] = [const { AtomicU8::new(0) }; RX_LEN];
+static RX_HEAD: AtomicUsize = AtomicUsize::new(0);
+static RX_TAIL: AtomicUsize = AtomicUsize::new(0);
+
+/// The digest's mixing step (the workload's loop, in assembly, uses the
+/// same multiply and shift).
+pub fn mix(h: u64, x: u64) -> u64 {
+    let v = (h ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    v ^ (v >> 29)
+}
+
+fn mix_state(x: u64) {
+    STATE.store(mix(STATE.load(Relaxed), x), Relaxed);
+}
+
+/// Where the workload finds TICKS and BREAK_AT.
+pub fn ticks_ptr() -> *const u64 {
+    TICKS.as_ptr()
+}
+
+pub fn break_at_ptr() -> *const u64 {
+    BREAK_AT.as_ptr()
+}
+
+/// Takes the configuration and the boot-time clock and entropy samples.
+pub fn start(cfg: &Config, clock: u64, seed: u64) {
+    mix_state(clock);
+    mix_state(seed);
+    STOP_AT.store(cfg.ticks, Relaxed);
+    DIGEST_EVERY.store(cfg.digest_every, Relaxed);
+    if cfg.digest_every != 0 {
+        NEXT_DIGEST.store(cfg.digest_every, Relaxed);
+    }
+    update_break_at();
+}
+
+fn update_break_at() {
+    let stop = match STOP_AT.load(Relaxed) {
+        0 => u64::MAX,
+        n => n,
+    };
+    BREAK_AT.store(stop.min(NEXT_DIGEST.load(Relaxed)), Relaxed);
+}
+
+/// IRQ0: count the tick and fold in exactly where it landed.
+pub fn timer_irq(frame: &Frame) {
+    let t = TICKS.load(Relaxed) + 1;
+    TICKS.store(t, Relaxed);
+    mix_state(frame.rip);
+    mix_state(frame.rcx); // the workload's loop counter
+    mix_state(t);
+    pic::eoi(0);
+}
+
+/// IRQ4: take every received byte; the syscall path echoes them.
+pub fn uart_irq() {
+    drain_uart();
+    pic::eoi(4);
+}
+
+/// Moves received bytes from the UART into the RX queue (also used at boot,
+/// for bytes that arrived before the interrupt was enabled).
+pub fn drain_uart() {
+    while let Some(b) = serial::try_read() {
+        mix_state(0x100 | u64::from(b));
+        let head = RX_HEAD.load(Relaxed);
+        if head.wrapping_sub(RX_TAIL.load(Relaxed)) < RX_LEN {
+            RX[head % RX_LEN].store(b, Relaxed);
+            RX_HEAD.store(head.wrapping_add(1), Relaxed);
+        } else {
+            mix_state(0x200); // dropped: still visible in the digest
+        }
+    }
+}
+
+/// Prints `rx <hex>` for each queued byte.
+fn echo_rx() {
+    let mut tail = RX_TAIL.load(Relaxed);
+    while tail != RX_HEAD.load(Relaxed) {
+        serial::puts("rx ");
+        serial::put_hex8(RX[tail % RX_LEN].load(Relaxed));
+        serial::puts("\n");
+        tail = tail.wrapping_add(1);
+        RX_TAIL.store(tail, Relaxed);
+    }
+}
+
+/// Folds a PIT counter read into the state, then the state with `h`.
+fn digest(h: u64) -> u64 {
+    mix_state(u64::from(pit::read_counter()));
+    mix(STATE.load(Relaxed), h)
+}
+
+/// The sleep syscall, RAX = the workload's hash: print what is due, stop if the
+/// tick budget is spent, else sleep until the next timer tick.
+pub fn sleep_syscall(frame: &Frame) {
+    let h = frame.rax;
+    echo_rx();
+    let now = TICKS.load(Relaxed);
+    let every = DIGEST_EVERY.load(Relaxed);
+    let mut next = NEXT_DIGEST.load(Relaxed);
+    while every != 0 && now >= next {
+        serial::puts("tick ");
+        serial::put_dec(next);
+        serial::puts(" digest ");
+        serial::put_hex64(digest(h));
+        serial::puts("\n");
+        next = next.saturating_add(every);
+    }
+    NEXT_DIGEST.store(next, Relaxed);
+    let stop = STOP_AT.load(Relaxed);
+    if stop != 0 && now >= stop {
+        serial::puts("done ticks ");
+        serial::put_dec(stop);
+        serial::puts(" digest ");
+        serial::put_hex64(digest(h));
+        serial::puts("\n");
+        power::off(0);
+    }
+    update_break_at();
+    // Nothing can change TICKS before the `hlt`: IF is clear, and `sti`
+    // only takes effect after the next instruction.
+    while TICKS.load(Relaxed) == now {
+        // SAFETY: waits for an interrupt with IF set, then clears it again;
+        // the ISRs that run in between preserve all state they interrupt.
+        unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
+    }
+}

@@ -1,0 +1,117 @@
+//! The workload: slices of a hash chain, each ended by the sleep syscall.
+//!
+//! It normally runs at CPL3, where this host's nested KVM runs it natively
+//! (CPL0 code is emulated there). The code below must not use anything
+//! privileged: it only reads kernel memory (all pages are user-accessible)
+//! and makes the syscall.
+//!
+//! The syscall is a `ud2` at one known address (`sys_sleep`): the #UD
+//! handler recognises it by RIP and resumes after it. `int 0x80` would be
+//! the usual choice, but on this host `int n` raises #UD at CPL3 and is an
+//! emulation failure at CPL0, and `int3` fails at CPL0; #UD is delivered
+//! at both levels (see docs/guest.md).
+
+use core::arch::asm;
+
+use crate::{boot, kernel};
+
+/// Length of the `ud2` the #UD handler skips.
+pub const SYSCALL_LEN: u64 = 2;
+
+extern "C" {
+    /// The syscall stub: `ud2; ret`, RAX = the hash. Preserves all registers.
+    fn sys_sleep();
+}
+
+core::arch::global_asm!(
+    r#"
+    .pushsection .text.sys_sleep, "ax"
+sys_sleep:
+    ud2
+    ret
+    .popsection
+"#
+);
+
+/// Whether a #UD at `rip` is the syscall.
+pub fn is_syscall(rip: u64) -> bool {
+    rip == sys_sleep as unsafe extern "C" fn() as usize as u64
+}
+
+/// Enters the workload and never comes back (the syscall powers off).
+pub fn run(user: bool, work: u64, seed: u64) -> ! {
+    if !user {
+        // SAFETY: the IDT, PIC and PIT are set up; from here interrupts may
+        // land anywhere in the workload.
+        unsafe { asm!("sti", options(nomem, nostack)) };
+        user_main(work, seed);
+    }
+    // SAFETY: an iretq frame for CPL3: the user stack, IF set (0x202), and
+    // user_main with its two arguments in RDI/RSI per the C ABI. The GDT has
+    // the user selectors and the TSS gives interrupts a kernel stack.
+    unsafe {
+        asm!(
+            "push {ss}",
+            "push {rsp}",
+            "push 0x202",
+            "push {cs}",
+            "push {rip}",
+            "iretq",
+            ss = in(reg) boot::USER_SS,
+            rsp = in(reg) boot::user_stack_top(),
+            cs = in(reg) boot::USER_CS,
+            rip = in(reg) user_main as extern "C" fn(u64, u64) -> ! as usize,
+            in("rdi") work,
+            in("rsi") seed,
+            options(noreturn),
+        )
+    }
+}
+
+extern "C" fn user_main(work: u64, seed: u64) -> ! {
+    let mut h = seed;
+    loop {
+        h = slice(h, work);
+        // SAFETY: the #UD handler preserves every register and the SSE
+        // state; the stack is ours (no red zone, so `call` is fine).
+        unsafe { asm!("call {f}", f = sym sys_sleep, in("rax") h) };
+    }
+}
+
+/// Up to `work` steps of `h = f((h ^ i) + TICKS)` with f(v) = m ^ (m >> 29),
+/// m = v * 0x9e3779b97f4a7c15, where TICKS is re-read from kernel memory
+/// every step. RCX holds the step number i, so the timer ISR folds the
+/// RIP and RCX of the interrupted step into its digest. The slice ends
+/// early once TICKS reaches BREAK_AT (a tick that is due a digest or stop).
+fn slice(mut h: u64, work: u64) -> u64 {
+    // SAFETY: only reads two kernel counters that live forever; every
+    // register used is declared.
+    unsafe {
+        asm!(
+            "2:",
+            "cmp rcx, rdx",
+            "jae 3f",
+            "mov r8, qword ptr [rdi]",
+            "cmp r8, qword ptr [rsi]",
+            "jae 3f",
+            "xor rax, rcx",
+            "add rax, r8",
+            "imul rax, r9",
+            "mov r8, rax",
+            "shr r8, 29",
+            "xor rax, r8",
+            "inc rcx",
+            "jmp 2b",
+            "3:",
+            inout("rax") h,
+            inout("rcx") 0u64 => _,
+            in("rdx") work,
+            in("rdi") kernel::ticks_ptr(),
+            in("rsi") kernel::break_at_ptr(),
+            in("r9") 0x9e37_79b9_7f4a_7c15u64,
+            out("r8") _,
+            options(nostack, readonly),
+        );
+    }
+    h
+}

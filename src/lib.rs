@@ -1,0 +1,9 @@
+//! ftvmm: fault-tolerant virtual machines on KVM.
+//!
+//! The binary's pieces live here so integration tests and benches can use
+//! them: the bundled guest image and the console plumbing.
+
+pub mod console;
+pub mod guest;
+pub mod status;
+pub mod testkit;

@@ -1,0 +1,44 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use ftvmm::console::Capture;
+use vmm::clock::ClockMode;
+use vmm::devices::ftclock::Entropy;
+use vmm::MachineConfig;
+
+/// Tests need KVM. In CI its absence is a failure; elsewhere the test says
+/// so loudly and returns early.
+pub fn kvm_or_skip() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("/dev/kvm is missing: KVM is required in CI");
+    }
+    eprintln!("SKIPPED: /dev/kvm is missing on this machine");
+    false
+}
+
+/// A config for the bundled guest writing into `out`.
+pub fn config(cmdline: &str, out: &Capture) -> MachineConfig {
+    MachineConfig::new(32, cmdline, Box::new(out.clone()))
+}
+
+/// A reproducible config: virtual time and seeded entropy.
+pub fn deterministic(cmdline: &str, out: &Capture) -> MachineConfig {
+    let mut c = config(cmdline, out);
+    c.clock = ClockMode::Virtual {
+        ns_per_exit: 20_000,
+    };
+    c.entropy = Entropy::Seeded(42);
+    c.points = vmm::points::PointMode::Exits;
+    c
+}
+
+/// The `tick N digest X` lines of a console transcript.
+pub fn digest_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.starts_with("tick ") || l.starts_with("done "))
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,230 @@
+//! Emulated devices and the bus that routes port I/O and MMIO to them.
+//!
+//! Every device runs on the vCPU thread, inside the exit that touched it, so
+//! device state only changes at points the VMM chose (no async paths into the
+//! guest).
+
+mod api;
+pub mod bus;
+pub mod ftclock;
+pub mod pic;
+pub mod pit;
+pub mod serial;
+
+pub use api::{BusDevice, DeviceCtx, ReadClass};
+
+use serde::{Deserialize, Serialize};
+
+use bus::Bus;
+use ftclock::{Entropy, FtClock, FtClockState, Power, FTCLOCK_LEN, FTCLOCK_PORT, POWER_PORT};
+use pic::{Chip, Pic, PicState};
+use pit::{Pit, PitState};
+use serial::{SerialOut, Uart, UartState};
+
+/// PIT ports.
+pub const PIT_PORT: u16 = 0x40;
+/// COM1 ports.
+pub const COM1_PORT: u16 = 0x3f8;
+/// ISA IRQ of the PIT.
+pub const PIT_IRQ: u8 = 0;
+
+/// The port-I/O devices of the platform (docs/platform.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PioDevice {
+    /// 8259 master.
+    PicMaster,
+    /// 8259 slave.
+    PicSlave,
+    /// 8254.
+    Pit,
+    /// COM1.
+    Serial,
+    /// Paravirtual clock and entropy.
+    FtClock,
+    /// Power-off port.
+    Power,
+}
+
+/// The state of every device, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicesState {
+    /// PIC pair.
+    pub pic: PicState,
+    /// PIT, with times relative to the snapshot.
+    pub pit: PitState,
+    /// COM1.
+    pub serial: UartState,
+    /// ftclock.
+    pub ftclock: FtClockState,
+}
+
+/// All devices and their buses.
+pub struct Devices {
+    /// The interrupt controller.
+    pub pic: Pic,
+    /// The timer.
+    pub pit: Pit,
+    /// COM1.
+    pub serial: Uart,
+    /// ftclock.
+    pub ftclock: FtClock,
+    power: Power,
+    pio: Bus<PioDevice>,
+    mmio: Bus<usize>,
+    mmio_devices: Vec<Box<dyn BusDevice>>,
+}
+
+fn platform_bus() -> Bus<PioDevice> {
+    let mut bus = Bus::new();
+    let ranges = [
+        (0x20, 2, PioDevice::PicMaster),
+        (0xa0, 2, PioDevice::PicSlave),
+        (u64::from(PIT_PORT), 4, PioDevice::Pit),
+        (u64::from(COM1_PORT), 8, PioDevice::Serial),
+        (u64::from(FTCLOCK_PORT), FTCLOCK_LEN, PioDevice::FtClock),
+        (u64::from(POWER_PORT), 1, PioDevice::Power),
+    ];
+    for (base, len, dev) in ranges {
+        // The table above is fixed and non-overlapping.
+        let inserted = bus.insert(base, len, dev);
+        debug_assert!(inserted.is_ok());
+    }
+    bus
+}
+
+impl Devices {
+    /// Devices in their reset state.
+    pub fn new(serial_out: SerialOut, entropy: Entropy) -> Self {
+        Devices {
+            pic: Pic::new(),
+            pit: Pit::new(),
+            serial: Uart::new(serial_out),
+            ftclock: FtClock::new(entropy),
+            power: Power,
+            pio: platform_bus(),
+            mmio: Bus::new(),
+            mmio_devices: Vec::new(),
+        }
+    }
+
+    /// Rebuild from a snapshot taken at `now_ns` of the old clock, onto a
+    /// clock that reads `now_ns` now.
+    pub fn from_state(
+        s: &DevicesState,
+        serial_out: SerialOut,
+        now_ns: u64,
+    ) -> Result<Self, String> {
+        Ok(Devices {
+            pic: Pic::from_state(&s.pic),
+            pit: Pit::from_state(&s.pit, now_ns),
+            serial: Uart::from_state(&s.serial, serial_out)?,
+            ftclock: FtClock::from_state(&s.ftclock),
+            power: Power,
+            pio: platform_bus(),
+            mmio: Bus::new(),
+            mmio_devices: Vec::new(),
+        })
+    }
+
+    /// Snapshot of every device.
+    pub fn state(&self, now_ns: u64) -> DevicesState {
+        DevicesState {
+            pic: self.pic.state(),
+            pit: self.pit.state(now_ns),
+            serial: self.serial.state(),
+            ftclock: self.ftclock.state(),
+        }
+    }
+
+    /// A guest port read. Returns how replay must treat the value.
+    pub fn pio_read(&mut self, port: u16, data: &mut [u8], ctx: &mut DeviceCtx) -> ReadClass {
+        let Some((dev, off)) = self.pio.find(u64::from(port)) else {
+            // Nothing there: the bus floats high, as on a PC.
+            data.fill(0xff);
+            return ReadClass::Deterministic;
+        };
+        let class = match dev {
+            PioDevice::PicMaster => {
+                self.pic.read(Chip::Master, off, data);
+                ReadClass::Deterministic
+            }
+            PioDevice::PicSlave => {
+                self.pic.read(Chip::Slave, off, data);
+                ReadClass::Deterministic
+            }
+            PioDevice::Pit => read_dev(&mut self.pit, off, data, ctx),
+            PioDevice::Serial => read_dev(&mut self.serial, off, data, ctx),
+            PioDevice::FtClock => read_dev(&mut self.ftclock, off, data, ctx),
+            PioDevice::Power => read_dev(&mut self.power, off, data, ctx),
+        };
+        self.route_irqs(ctx);
+        class
+    }
+
+    /// A guest port write.
+    pub fn pio_write(&mut self, port: u16, data: &[u8], ctx: &mut DeviceCtx) {
+        let Some((dev, off)) = self.pio.find(u64::from(port)) else {
+            return;
+        };
+        match dev {
+            PioDevice::PicMaster => self.pic.write(Chip::Master, off, data),
+            PioDevice::PicSlave => self.pic.write(Chip::Slave, off, data),
+            PioDevice::Pit => self.pit.write(off, data, ctx),
+            PioDevice::Serial => self.serial.write(off, data, ctx),
+            PioDevice::FtClock => self.ftclock.write(off, data, ctx),
+            PioDevice::Power => self.power.write(off, data, ctx),
+        }
+        self.route_irqs(ctx);
+    }
+
+    /// Put an MMIO device at `[base, base + len)`.
+    pub fn add_mmio(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: Box<dyn BusDevice>,
+    ) -> Result<(), bus::Overlap> {
+        self.mmio.insert(base, len, self.mmio_devices.len())?;
+        self.mmio_devices.push(dev);
+        Ok(())
+    }
+
+    /// A guest MMIO read.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8], ctx: &mut DeviceCtx) -> ReadClass {
+        let class = match self.mmio.find(addr) {
+            Some((i, off)) => match self.mmio_devices.get_mut(i) {
+                Some(dev) => read_dev(dev.as_mut(), off, data, ctx),
+                None => ReadClass::Deterministic,
+            },
+            None => {
+                data.fill(0xff);
+                ReadClass::Deterministic
+            }
+        };
+        self.route_irqs(ctx);
+        class
+    }
+
+    /// A guest MMIO write.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8], ctx: &mut DeviceCtx) {
+        if let Some((i, off)) = self.mmio.find(addr) {
+            if let Some(dev) = self.mmio_devices.get_mut(i) {
+                dev.write(off, data, ctx);
+            }
+        }
+        self.route_irqs(ctx);
+    }
+
+    /// Pulse the IRQ lines devices raised during an access.
+    pub fn route_irqs(&mut self, ctx: &mut DeviceCtx) {
+        for irq in ctx.irq_pulses.drain(..) {
+            self.pic.pulse_irq(irq);
+        }
+    }
+}
+
+fn read_dev(dev: &mut dyn BusDevice, off: u64, data: &mut [u8], ctx: &mut DeviceCtx) -> ReadClass {
+    let class = dev.read_class(off);
+    dev.read(off, data, ctx);
+    class
+}

@@ -1,0 +1,90 @@
+//! The `vmm` crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building, running or restoring a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available here, and may this user open /dev/kvm?)")]
+    KvmUnavailable(#[source] kvm_ioctls::Error),
+    /// The host KVM lacks a capability ftvmm relies on.
+    #[error("this host's KVM lacks {0}, which ftvmm needs")]
+    MissingCapability(&'static str),
+    /// A KVM ioctl failed.
+    #[error("KVM call {op} failed: {source}")]
+    Kvm {
+        /// Which call.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The configured guest memory is too small.
+    #[error("guest memory of {got_mib} MiB is too small: ftvmm needs at least {min_mib} MiB")]
+    MemoryTooSmall {
+        /// What was asked for.
+        got_mib: u64,
+        /// The minimum.
+        min_mib: u64,
+    },
+    /// The configured guest memory is too large.
+    #[error("guest memory of {got_mib} MiB is too large: at most {max_mib} MiB is supported")]
+    MemoryTooLarge {
+        /// What was asked for.
+        got_mib: u64,
+        /// The maximum.
+        max_mib: u64,
+    },
+    /// Guest memory could not be set up or accessed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The kernel file could not be read.
+    #[error("cannot read kernel {path}: {source}")]
+    KernelRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel image is not something we can boot.
+    #[error("cannot load kernel: {0}")]
+    KernelFormat(String),
+    /// The command line is not acceptable.
+    #[error("bad kernel command line: {0}")]
+    Cmdline(String),
+    /// A snapshot could not be taken or restored.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// The guest did something the VMM cannot continue from.
+    #[error("guest stopped the VM: {0}")]
+    GuestFault(String),
+    /// An I/O error on a host resource (signals, threads).
+    #[error("{what}: {source}")]
+    Host {
+        /// What we were doing.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A replay left the recorded execution.
+    #[error("replay diverged: {0}")]
+    Divergence(String),
+    /// The log could not be read or written.
+    #[error("log: {0}")]
+    Log(#[from] ftlog::LogError),
+    /// The exit observer stopped the run with an error of its own.
+    #[error("{0}")]
+    Observer(String),
+}
+
+impl Error {
+    pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        move |source| Error::Kvm { op, source }
+    }
+}
+
+/// Result alias for the crate.
+pub type Result<T> = std::result::Result<T, Error>;

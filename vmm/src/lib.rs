@@ -1,0 +1,26 @@
+//! The ftvmm VMM: one KVM VM with one vCPU, guest RAM, a kernel loader,
+//! userspace devices (no in-kernel irqchip, PIT or LAPIC, so every interrupt
+//! is delivered when the VMM decides), a run loop that reports every exit to
+//! an observer, and whole-VM snapshots.
+
+pub mod arch;
+pub mod clock;
+pub mod devices;
+pub mod digest;
+mod error;
+pub mod inputs;
+pub mod kick;
+pub mod loader;
+pub mod machine;
+pub mod memory;
+pub mod pmu;
+pub mod points;
+pub mod record;
+pub mod replay;
+pub mod run;
+pub mod snapshot;
+
+pub use error::{Error, Result};
+pub use machine::{Machine, MachineConfig};
+pub use run::{Flow, Live, Observer, ReadSource, RunEnd};
+pub use snapshot::VmSnapshot;

@@ -1,0 +1,218 @@
+//! Kernel loading (linux-loader) and the boot information a kernel finds in
+//! memory: the zero page, the command line, the e820 / PVH memory map.
+
+use std::io::Cursor;
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::{Elf, Error as ElfError, PvhBootCapability};
+use linux_loader::loader::{self, load_cmdline, Cmdline, KernelLoader};
+use vm_memory::GuestAddress;
+
+use crate::arch::boot::{write_boot_tables, EntryMode};
+use crate::memory::{
+    ram_size, GuestRam, CMDLINE, CMDLINE_MAX, HIMEM_START, LOW_MEM_END, PVH_INFO, PVH_MEMMAP,
+    ZERO_PAGE,
+};
+use crate::{Error, Result};
+
+const E820_RAM: u32 = 1;
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+
+/// What kind of image was loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelKind {
+    /// 64-bit ELF entered in long mode.
+    Elf,
+    /// 64-bit ELF with a PVH entry note, entered in 32-bit mode.
+    ElfPvh,
+    /// bzImage entered at its 64-bit entry.
+    BzImage,
+}
+
+/// Where and how the vCPU starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Loaded {
+    /// Image kind.
+    pub kind: KernelKind,
+    /// Entry state.
+    pub entry: EntryMode,
+    /// First byte after the kernel.
+    pub kernel_end: u64,
+}
+
+/// Load `image` into `mem`, write the boot structures, and return the entry.
+pub fn load_kernel(mem: &GuestRam, image: &[u8], cmdline: &str) -> Result<Loaded> {
+    let cmdline = build_cmdline(cmdline)?;
+    write_boot_tables(mem)?;
+    let himem = Some(GuestAddress(HIMEM_START));
+    let is_elf = image.starts_with(b"\x7fELF");
+    let is_bzimage = image.get(0x202..0x206) == Some(b"HdrS".as_slice());
+    if !is_elf && !is_bzimage {
+        return Err(Error::KernelFormat(
+            "not an ELF file, and not a bzImage either (no ELF magic, no \"HdrS\" setup header); \
+             ftvmm boots 64-bit ELF (plain or PVH) and bzImage kernels"
+                .into(),
+        ));
+    }
+    let elf = if is_elf {
+        Elf::load(mem, None, &mut Cursor::new(image), himem)
+    } else {
+        Err(loader::Error::Elf(ElfError::InvalidElfMagicNumber))
+    };
+    let loaded = match elf {
+        Ok(r) => {
+            let entry = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => Some(addr.0),
+                _ => None,
+            };
+            let elf_entry = elf_entry(image)?;
+            load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(kernel_err)?;
+            match entry {
+                Some(pvh) => {
+                    write_pvh_info(mem, &cmdline)?;
+                    Loaded {
+                        kind: KernelKind::ElfPvh,
+                        entry: EntryMode::Pvh32 {
+                            entry: pvh,
+                            start_info: PVH_INFO,
+                        },
+                        kernel_end: r.kernel_end,
+                    }
+                }
+                None => {
+                    write_zero_page(mem, None, &cmdline)?;
+                    Loaded {
+                        kind: KernelKind::Elf,
+                        entry: EntryMode::Long64 {
+                            entry: elf_entry,
+                            zero_page: ZERO_PAGE,
+                        },
+                        kernel_end: r.kernel_end,
+                    }
+                }
+            }
+        }
+        Err(loader::Error::Elf(ElfError::InvalidElfMagicNumber)) => {
+            let r = BzImage::load(mem, None, &mut Cursor::new(image), himem).map_err(|e| {
+                Error::KernelFormat(format!(
+                    "not an ELF file, and not a bzImage either ({e}); \
+                     ftvmm boots 64-bit ELF (plain or PVH) and bzImage kernels"
+                ))
+            })?;
+            load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(kernel_err)?;
+            write_zero_page(mem, r.setup_header, &cmdline)?;
+            Loaded {
+                kind: KernelKind::BzImage,
+                // The 64-bit entry sits 0x200 bytes into the protected-mode code.
+                entry: EntryMode::Long64 {
+                    entry: r.kernel_load.0 + 0x200,
+                    zero_page: ZERO_PAGE,
+                },
+                kernel_end: r.kernel_end,
+            }
+        }
+        Err(e) => return Err(kernel_err(e)),
+    };
+    if loaded.kernel_end > ram_size(mem) {
+        return Err(Error::KernelFormat(format!(
+            "kernel ends at {:#x}, beyond guest memory ({} MiB)",
+            loaded.kernel_end,
+            ram_size(mem) >> 20
+        )));
+    }
+    Ok(loaded)
+}
+
+fn kernel_err(e: impl std::fmt::Display) -> Error {
+    Error::KernelFormat(e.to_string())
+}
+
+/// The ELF entry point (linux-loader returns the load address instead).
+fn elf_entry(image: &[u8]) -> Result<u64> {
+    let bytes = image
+        .get(24..32)
+        .ok_or_else(|| Error::KernelFormat("ELF header is truncated".into()))?;
+    let mut e = [0u8; 8];
+    e.copy_from_slice(bytes);
+    Ok(u64::from_le_bytes(e))
+}
+
+fn build_cmdline(s: &str) -> Result<Cmdline> {
+    let mut c = Cmdline::new(CMDLINE_MAX).map_err(|e| Error::Cmdline(e.to_string()))?;
+    if !s.is_empty() {
+        c.insert_str(s)
+            .map_err(|e| Error::Cmdline(format!("{e} (at most {} bytes)", CMDLINE_MAX - 1)))?;
+    }
+    Ok(c)
+}
+
+fn cmdline_len(c: &Cmdline) -> Result<u32> {
+    let s = c.as_cstring().map_err(|e| Error::Cmdline(e.to_string()))?;
+    Ok(s.as_bytes_with_nul().len() as u32)
+}
+
+/// RAM ranges as (start, length): low memory, then everything above 1 MiB.
+fn ram_ranges(mem: &GuestRam) -> [(u64, u64); 2] {
+    let size = ram_size(mem);
+    [(0, LOW_MEM_END), (HIMEM_START, size - HIMEM_START)]
+}
+
+fn write_zero_page(
+    mem: &GuestRam,
+    header: Option<loader::bootparam::setup_header>,
+    cmdline: &Cmdline,
+) -> Result<()> {
+    let mut params = boot_params::default();
+    if let Some(h) = header {
+        params.hdr = h;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE as u32;
+    params.hdr.cmdline_size = cmdline_len(cmdline)?;
+    params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+    for (i, (addr, size)) in ram_ranges(mem).iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: E820_RAM,
+        };
+    }
+    params.e820_entries = 2;
+    LinuxBootConfigurator::write_bootparams(&BootParams::new(&params, GuestAddress(ZERO_PAGE)), mem)
+        .map_err(kernel_err)
+}
+
+fn write_pvh_info(mem: &GuestRam, cmdline: &Cmdline) -> Result<()> {
+    let _ = cmdline_len(cmdline)?;
+    let memmap: Vec<hvm_memmap_table_entry> = ram_ranges(mem)
+        .iter()
+        .map(|(addr, size)| hvm_memmap_table_entry {
+            addr: *addr,
+            size: *size,
+            type_: E820_RAM,
+            reserved: 0,
+        })
+        .collect();
+    let info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE,
+        memmap_paddr: PVH_MEMMAP,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut params = BootParams::new(&info, GuestAddress(PVH_INFO));
+    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP));
+    PvhBootConfigurator::write_bootparams(&params, mem).map_err(kernel_err)
+}

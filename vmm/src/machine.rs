@@ -1,0 +1,493 @@
+//! One VM with one vCPU: KVM objects, guest RAM, devices, and the state the
+//! run loop keeps between exits.
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_guest_debug, kvm_regs, kvm_userspace_memory_region,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
+    KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
+};
+use kvm_ioctls::{
+    Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
+};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::{boot, cpuid, msr};
+use crate::clock::{Clock, ClockMode};
+use crate::devices::ftclock::Entropy;
+use crate::devices::serial::SerialOut;
+use crate::devices::Devices;
+use crate::inputs::{HostInputs, Input};
+use crate::kick::{self, Kicker, Ticker};
+use crate::loader::{self, KernelKind};
+use crate::memory::{self, GuestRam};
+use crate::points::{ExecPoint, PointMode};
+use crate::{Error, Result};
+
+vmm_sys_util::ioctl_iow_nr!(
+    KVM_INTERRUPT,
+    kvm_bindings::KVMIO,
+    0x86,
+    kvm_bindings::kvm_interrupt
+);
+
+/// What a VM is built from.
+pub struct MachineConfig {
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Time source for devices.
+    pub clock: ClockMode,
+    /// Entropy for ftclock.
+    pub entropy: Entropy,
+    /// Which exits are execution points.
+    pub points: PointMode,
+    /// Where COM1 output goes.
+    pub serial_out: SerialOut,
+    /// Whether device timers fire from host time (false on a backup: its
+    /// clocks are silent and every tick comes from the log).
+    pub live_timers: bool,
+}
+
+impl MachineConfig {
+    /// Defaults for a quick live run writing serial output to `out`.
+    pub fn new(mem_mib: u64, cmdline: &str, out: SerialOut) -> Self {
+        MachineConfig {
+            mem_mib,
+            cmdline: cmdline.to_string(),
+            clock: ClockMode::Host,
+            entropy: Entropy::Host,
+            points: PointMode::AnyExit,
+            serial_out: out,
+            live_timers: true,
+        }
+    }
+}
+
+/// The run-loop state that is part of a VM's observable behaviour, so it is
+/// snapshotted along with the vCPU and devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoopState {
+    /// Deterministic exits so far (the execution-point counter).
+    pub count: u64,
+    /// The vCPU stopped at an execution point that has not been processed.
+    pub pending_point: bool,
+    /// The guest executed HLT and waits for an interrupt.
+    pub halted: bool,
+    /// KVM said an interrupt can be injected now.
+    pub ready_for_injection: bool,
+    /// Guest IF at the last exit.
+    pub if_flag: bool,
+    /// An interrupt window was requested.
+    pub request_window: bool,
+    /// The point where the vCPU stopped (filled at the exit, before any
+    /// pending I/O completes, so it names the same instant everywhere).
+    pub point: Option<ExecPoint>,
+}
+
+/// A VM: KVM handles, memory, devices, clock and loop state.
+pub struct Machine {
+    _kvm: Kvm,
+    _vm: VmFd,
+    pub(crate) vcpu: VcpuFd,
+    mem: GuestRam,
+    /// Emulated devices.
+    pub devices: Devices,
+    /// Time for devices.
+    pub clock: Clock,
+    /// Loop state.
+    pub(crate) ls: LoopState,
+    points: PointMode,
+    live_timers: bool,
+    host: HostInputs,
+    ticker: Option<Ticker>,
+    kicker: Option<Kicker>,
+    regs: Option<kvm_regs>,
+    mem_mib: u64,
+    kernel_kind: Option<KernelKind>,
+    entropy: Entropy,
+}
+
+fn open_kvm() -> Result<Kvm> {
+    let kvm = Kvm::new().map_err(Error::KvmUnavailable)?;
+    for (cap, name) in [
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::MissingCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+impl Machine {
+    /// Create the VM with `kernel` loaded and the vCPU at its entry point.
+    pub fn new(mut cfg: MachineConfig, kernel: &[u8]) -> Result<Self> {
+        let cmdline = std::mem::take(&mut cfg.cmdline);
+        let mut m = Self::empty(cfg)?;
+        let loaded = loader::load_kernel(&m.mem, kernel, &cmdline)?;
+        m.kernel_kind = Some(loaded.kind);
+        let sregs = m.vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
+        m.vcpu
+            .set_sregs(&boot::boot_sregs(sregs, loaded.entry))
+            .map_err(Error::kvm("KVM_SET_SREGS"))?;
+        m.vcpu
+            .set_regs(&boot::boot_regs(loaded.entry))
+            .map_err(Error::kvm("KVM_SET_REGS"))?;
+        m.vcpu
+            .set_fpu(&boot::boot_fpu())
+            .map_err(Error::kvm("KVM_SET_FPU"))?;
+        // The first instruction is an execution point (count 0).
+        m.ls.pending_point = true;
+        tracing::debug!(kind = ?loaded.kind, entry = ?loaded.entry, "kernel loaded");
+        Ok(m)
+    }
+
+    /// A VM with zeroed RAM and devices in reset state, vCPU not yet set up.
+    pub(crate) fn empty(cfg: MachineConfig) -> Result<Self> {
+        let kvm = open_kvm()?;
+        let mem = memory::create_ram(cfg.mem_mib)?;
+        let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
+        register_memory(&vm, &mem)?;
+        // VMX needs these three pages even without real mode.
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
+        install_msr_filter(&vm)?;
+        let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let guest = cpuid::guest_cpuid(&supported)
+            .map_err(|e| Error::Memory(format!("CPUID table: {e:?}")))?;
+        vcpu.set_cpuid2(&guest)
+            .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        let mut m = Machine {
+            _kvm: kvm,
+            _vm: vm,
+            vcpu,
+            mem,
+            devices: Devices::new(cfg.serial_out, cfg.entropy),
+            clock: Clock::new(cfg.clock, 0),
+            ls: LoopState::default(),
+            points: cfg.points,
+            live_timers: cfg.live_timers,
+            host: HostInputs::new(),
+            ticker: None,
+            kicker: None,
+            regs: None,
+            mem_mib: cfg.mem_mib,
+            kernel_kind: None,
+            entropy: cfg.entropy,
+        };
+        m.set_point_mode(cfg.points)?;
+        Ok(m)
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestRam {
+        &self.mem
+    }
+
+    /// Guest RAM size in MiB.
+    pub fn mem_mib(&self) -> u64 {
+        self.mem_mib
+    }
+
+    /// The kind of kernel that was loaded (None for a restored VM).
+    pub fn kernel_kind(&self) -> Option<KernelKind> {
+        self.kernel_kind
+    }
+
+    /// The entropy source ftclock was created with.
+    pub fn entropy(&self) -> Entropy {
+        self.entropy
+    }
+
+    /// Which exits are execution points.
+    pub fn point_mode(&self) -> PointMode {
+        self.points
+    }
+
+    /// Change which exits are execution points (single-stepping on or off).
+    pub fn set_point_mode(&mut self, mode: PointMode) -> Result<()> {
+        let control = if mode == PointMode::SingleStep {
+            KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
+        } else {
+            0
+        };
+        let dbg = kvm_guest_debug {
+            control,
+            ..Default::default()
+        };
+        self.vcpu
+            .set_guest_debug(&dbg)
+            .map_err(Error::kvm("KVM_SET_GUEST_DEBUG"))?;
+        self.points = mode;
+        Ok(())
+    }
+
+    /// Whether device timers run from host time.
+    pub fn live_timers(&self) -> bool {
+        self.live_timers
+    }
+
+    /// Switch device timers on (a backup going live) or off.
+    pub fn set_live_timers(&mut self, on: bool) {
+        self.live_timers = on;
+    }
+
+    /// Host-side input queue (serial input, stop requests). Clone it to feed
+    /// the VM from another thread.
+    pub fn host_inputs(&self) -> HostInputs {
+        self.host.clone()
+    }
+
+    /// Deterministic exits so far.
+    pub fn exit_count(&self) -> u64 {
+        self.ls.count
+    }
+
+    /// The vCPU's general registers (cached until the next run).
+    pub fn regs(&mut self) -> Result<kvm_regs> {
+        if let Some(r) = self.regs {
+            return Ok(r);
+        }
+        let r = self.vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+        self.regs = Some(r);
+        Ok(r)
+    }
+
+    /// The execution point the vCPU is stopped at.
+    pub fn point(&mut self) -> Result<ExecPoint> {
+        if let Some(p) = self.ls.point {
+            return Ok(p);
+        }
+        let r = self.regs()?;
+        let p = ExecPoint {
+            count: self.ls.count,
+            rip: r.rip,
+            rcx: r.rcx,
+        };
+        self.ls.point = Some(p);
+        Ok(p)
+    }
+
+    /// Inputs that host time and host threads have made due, without applying
+    /// them. A backup never calls this while replaying.
+    pub fn poll_host_inputs(&mut self) -> Vec<Input> {
+        let mut inputs = Vec::new();
+        if self.live_timers || self.clock.is_virtual() {
+            let now = self.clock.now_ns();
+            // Many missed periods still make one edge: the PIC latches edges.
+            if self.devices.pit.take_expired(now) > 0 {
+                inputs.push(Input::Irq(crate::devices::PIT_IRQ));
+            }
+        }
+        let room = self.devices.serial.rx_room();
+        if room > 0 {
+            let bytes = self.host.take_serial(room);
+            if !bytes.is_empty() {
+                inputs.push(Input::Serial(bytes));
+            }
+        }
+        inputs
+    }
+
+    /// Apply one input now. Returns the input as it took effect (serial bytes
+    /// beyond the FIFO's room are dropped, as a real UART would).
+    pub fn apply(&mut self, input: &Input) -> Input {
+        let mut ctx = crate::devices::DeviceCtx::new(self.clock.now_ns());
+        let applied = match input {
+            Input::Irq(irq) => {
+                self.devices.pic.pulse_irq(*irq);
+                input.clone()
+            }
+            Input::Serial(bytes) => {
+                let n = self.devices.serial.receive(bytes, &mut ctx);
+                Input::Serial(bytes[..n].to_vec())
+            }
+        };
+        self.devices.route_irqs(&mut ctx);
+        applied
+    }
+
+    /// Block while the guest idles in HLT until an input may be due.
+    /// Returns false when a stop was requested or nothing can ever wake it.
+    pub fn wait_for_input(&mut self) -> bool {
+        let deadline = self.devices.pit.next_deadline_ns();
+        if self.clock.is_virtual() {
+            // Virtual time: idling takes no time at all.
+            return match deadline {
+                Some(d) => {
+                    self.clock.skip_to(d);
+                    true
+                }
+                None => false,
+            };
+        }
+        let at = deadline
+            .filter(|_| self.live_timers)
+            .map(|d| self.clock.instant_at(d));
+        self.host.wait(at) == crate::inputs::Wake::Ready
+    }
+
+    /// Ask KVM for an interrupt, or for an exit when one can be taken.
+    /// Called only at execution points. Returns the vector injected.
+    pub(crate) fn try_inject(&mut self) -> Result<Option<u8>> {
+        if !self.devices.pic.has_pending() {
+            self.ls.request_window = false;
+            return Ok(None);
+        }
+        if !(self.ls.ready_for_injection && self.ls.if_flag) {
+            self.ls.request_window = true;
+            return Ok(None);
+        }
+        let Some(vector) = self.devices.pic.acknowledge() else {
+            return Ok(None);
+        };
+        let irq = kvm_bindings::kvm_interrupt {
+            irq: u32::from(vector),
+        };
+        // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer,
+        // which refers to a live local; the fd is our vCPU.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.vcpu, KVM_INTERRUPT(), &irq) };
+        if rc != 0 {
+            return Err(Error::Kvm {
+                op: "KVM_INTERRUPT",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        self.ls.ready_for_injection = false;
+        self.ls.request_window = false;
+        self.ls.halted = false;
+        Ok(Some(vector))
+    }
+
+    /// Before KVM_RUN: hand the window request to KVM and arm the timer kick.
+    pub(crate) fn prepare_entry(&mut self) -> Result<()> {
+        self.regs = None;
+        self.ls.point = None;
+        let window = u8::from(self.ls.request_window);
+        self.vcpu.get_kvm_run().request_interrupt_window = window;
+        if self.kicker.is_none() {
+            self.bind_to_current_thread()?;
+        }
+        if self.live_timers && !self.clock.is_virtual() {
+            if let (Some(t), Some(k)) = (&self.ticker, self.kicker) {
+                let d = self
+                    .devices
+                    .pit
+                    .next_deadline_ns()
+                    .map(|ns| self.clock.instant_at(ns));
+                t.arm(d, k);
+            }
+        }
+        Ok(())
+    }
+
+    /// After any KVM_RUN return: what KVM says about interrupt delivery.
+    pub(crate) fn note_exit_flags(&mut self) {
+        let run = self.vcpu.get_kvm_run();
+        self.ls.ready_for_injection = run.ready_for_interrupt_injection != 0;
+        self.ls.if_flag = run.if_flag != 0;
+        run.immediate_exit = 0;
+    }
+
+    /// Make the calling thread the vCPU thread: kicks and timers target it.
+    fn bind_to_current_thread(&mut self) -> Result<()> {
+        kick::install_handler()?;
+        let run = self.vcpu.get_kvm_run();
+        kick::arm_current_thread(std::ptr::addr_of_mut!(run.immediate_exit));
+        let k = Kicker::current();
+        self.kicker = Some(k);
+        self.host.set_kicker(Some(k));
+        if self.ticker.is_none() {
+            self.ticker = Some(Ticker::start()?);
+        }
+        Ok(())
+    }
+
+    /// Forget the vCPU thread (before the machine moves to another thread).
+    pub fn unbind_thread(&mut self) {
+        if self.kicker.take().is_some() {
+            kick::disarm_current_thread();
+            self.host.set_kicker(None);
+            if let Some(t) = &self.ticker {
+                t.arm(None, Kicker::current());
+            }
+        }
+    }
+
+    /// Finish an I/O instruction KVM is still holding (its result lives only
+    /// inside KVM until the next KVM_RUN), without running guest code.
+    pub(crate) fn complete_pending_io(&mut self) -> Result<()> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let r = match self.vcpu.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Ok(_) => Ok(()),
+            Err(source) => Err(Error::Kvm {
+                op: "KVM_RUN (completing I/O)",
+                source,
+            }),
+        };
+        self.vcpu.set_kvm_immediate_exit(0);
+        r
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.unbind_thread();
+    }
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestRam) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region stays mapped for the VM's lifetime: `mem` is
+        // owned by the Machine that owns `vm`.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(Error::kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+/// Make accesses to time-related MSRs exit to userspace.
+fn install_msr_filter(vm: &VmFd) -> Result<()> {
+    let cap = kvm_enable_cap {
+        cap: KVM_CAP_X86_USER_SPACE_MSR,
+        args: [u64::from(KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+        ..Default::default()
+    };
+    if let Err(e) = vm.enable_cap(&cap) {
+        tracing::warn!(
+            "KVM_CAP_X86_USER_SPACE_MSR unavailable ({e}); TSC MSR accesses stay in KVM"
+        );
+        return Ok(());
+    }
+    // One bit per MSR; a clear bit denies, and denied accesses exit.
+    let deny = [0u8; 1];
+    let ranges: Vec<MsrFilterRange<'_>> = msr::FILTERED
+        .iter()
+        .map(|&base| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count: 1,
+            bitmap: &deny,
+        })
+        .collect();
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(Error::kvm("KVM_X86_SET_MSR_FILTER"))
+}

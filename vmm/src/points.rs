@@ -1,0 +1,77 @@
+//! Execution points: which VM exits name a deterministic instant of the
+//! guest's instruction stream, where inputs may be applied.
+//!
+//! See docs/replay.md. In short: an exit the guest's own instruction caused
+//! (port I/O, MMIO, HLT, an MSR access, an interrupt window requested at a
+//! point) happens at the same instruction on every run; an exit caused by a
+//! host event (a signal, a host interrupt) does not.
+
+pub use ftlog::ExecPoint;
+
+/// Which exits are execution points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PointMode {
+    /// Every exit, host-caused ones included: fine for a VM nobody replays,
+    /// and it gives the lowest interrupt latency.
+    AnyExit,
+    /// Only deterministic exits (the `exits` backend).
+    Exits,
+    /// Deterministic exits plus a single-step exit after every instruction
+    /// (the `singlestep` backend).
+    SingleStep,
+}
+
+impl PointMode {
+    /// Whether an exit of this kind is an execution point in this mode.
+    pub fn is_point(self, exit: ExitKind) -> bool {
+        self == PointMode::AnyExit || self.counts(exit)
+    }
+
+    /// Whether an exit of this kind advances the point counter.
+    pub fn counts(self, exit: ExitKind) -> bool {
+        match exit {
+            ExitKind::Interrupted => false,
+            ExitKind::Debug => self == PointMode::SingleStep,
+            _ => true,
+        }
+    }
+}
+
+/// The exits the run loop distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    /// Port I/O.
+    Io,
+    /// MMIO.
+    Mmio,
+    /// HLT.
+    Hlt,
+    /// RDMSR/WRMSR of a filtered MSR.
+    Msr,
+    /// The requested interrupt window opened.
+    IrqWindow,
+    /// A single-step (or other debug) exit.
+    Debug,
+    /// KVM_RUN returned because of a signal or host event.
+    Interrupted,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_caused_exits_are_points_only_when_nobody_replays() {
+        assert!(PointMode::AnyExit.is_point(ExitKind::Interrupted));
+        assert!(!PointMode::Exits.is_point(ExitKind::Interrupted));
+        assert!(!PointMode::SingleStep.is_point(ExitKind::Interrupted));
+        assert!(!PointMode::Exits.counts(ExitKind::Interrupted));
+    }
+
+    #[test]
+    fn single_steps_count_only_in_singlestep_mode() {
+        assert!(PointMode::SingleStep.counts(ExitKind::Debug));
+        assert!(!PointMode::Exits.counts(ExitKind::Debug));
+        assert!(PointMode::Exits.counts(ExitKind::Hlt));
+    }
+}

@@ -1,0 +1,196 @@
+//! The recorder: an [`Observer`] that applies inputs as they come due and
+//! logs each one, every non-deterministic read, every injection and periodic
+//! state digests, with the execution point where it happened.
+
+use std::time::{Duration, Instant};
+
+use ftlog::{EndReason, EntryKind};
+
+use crate::devices::ReadClass;
+use crate::inputs::Input;
+use crate::machine::Machine;
+use crate::points::{ExecPoint, PointMode};
+use crate::run::{Flow, Observer, ReadSource, RunEnd};
+use crate::{Error, Result};
+
+/// Where recorded entries go (a log file, the logging channel, a Vec).
+pub trait LogSink {
+    /// Append one entry at `point`; returns its sequence number.
+    fn append(&mut self, point: ExecPoint, kind: EntryKind) -> Result<u64>;
+}
+
+/// Entries kept in memory (tests, benches).
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    /// Entries so far.
+    pub entries: Vec<ftlog::LogEntry>,
+}
+
+impl LogSink for MemorySink {
+    fn append(&mut self, point: ExecPoint, kind: EntryKind) -> Result<u64> {
+        let seq = self.entries.len() as u64;
+        self.entries.push(ftlog::LogEntry { seq, point, kind });
+        Ok(seq)
+    }
+}
+
+/// The log entry for an input.
+pub fn input_entry(input: &Input) -> EntryKind {
+    match input {
+        Input::Irq(irq) => EntryKind::IrqRaise { irq: *irq },
+        Input::Serial(bytes) => EntryKind::SerialInput {
+            bytes: bytes.clone(),
+        },
+    }
+}
+
+/// The log entry for a non-deterministic read.
+pub fn read_entry(src: ReadSource, class: ReadClass, data: &[u8]) -> EntryKind {
+    let data = data.to_vec();
+    match (src, class) {
+        (ReadSource::Port(port), ReadClass::Entropy) => EntryKind::EntropyRead { port, data },
+        (ReadSource::Port(port), ReadClass::Clock) => EntryKind::ClockRead { port, data },
+        (ReadSource::Port(port), _) => EntryKind::PortIn { port, data },
+        (ReadSource::Mmio(addr), _) => EntryKind::MmioRead { addr, data },
+        (ReadSource::Msr(index), _) => EntryKind::MsrRead { index, data },
+    }
+}
+
+/// Counters a status line can show.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RecordStats {
+    /// Entries written.
+    pub entries: u64,
+    /// Inputs applied (ticks, serial bursts).
+    pub inputs: u64,
+    /// Non-deterministic reads logged.
+    pub reads: u64,
+    /// Interrupts injected.
+    pub injections: u64,
+    /// Digests logged.
+    pub digests: u64,
+}
+
+/// Records a run into a [`LogSink`].
+pub struct Recorder<S: LogSink> {
+    sink: S,
+    digest_every: Option<Duration>,
+    last_digest: Instant,
+    stats: RecordStats,
+}
+
+impl<S: LogSink> Recorder<S> {
+    /// A recorder writing to `sink`, logging a state digest at the first
+    /// point after each `digest_every` of host time (None: only at the end).
+    pub fn new(sink: S, digest_every: Option<Duration>) -> Self {
+        Recorder {
+            sink,
+            digest_every,
+            last_digest: Instant::now(),
+            stats: RecordStats::default(),
+        }
+    }
+
+    /// Check that `m` can be recorded: its points must be deterministic.
+    pub fn check_machine(m: &Machine) -> Result<()> {
+        if m.point_mode() == PointMode::AnyExit {
+            return Err(Error::Observer(
+                "recording needs a deterministic execution-point backend (exits or singlestep)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn log(&mut self, point: ExecPoint, kind: EntryKind) -> Result<()> {
+        self.sink.append(point, kind)?;
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    /// Log a state digest at the current point.
+    pub fn log_digest(&mut self, m: &mut Machine) -> Result<()> {
+        let point = m.point()?;
+        let value = m.digest()?;
+        self.stats.digests += 1;
+        self.last_digest = Instant::now();
+        self.log(point, EntryKind::Digest { value })
+    }
+
+    /// Close the log after `run` returned `end`: a last digest, then the end
+    /// marker, both at the final point.
+    pub fn finish(&mut self, m: &mut Machine, end: RunEnd) -> Result<()> {
+        self.log_digest(m)?;
+        let point = m.point()?;
+        self.log(
+            point,
+            EntryKind::End {
+                reason: end_reason(end),
+            },
+        )
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> RecordStats {
+        self.stats
+    }
+
+    /// The sink.
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    /// Give back the sink.
+    pub fn into_sink(self) -> S {
+        self.sink
+    }
+}
+
+/// The log's name for how a run ended.
+pub fn end_reason(end: RunEnd) -> EndReason {
+    match end {
+        RunEnd::PowerOff(code) => EndReason::PowerOff { code },
+        RunEnd::HaltedForever => EndReason::Halted,
+        RunEnd::Shutdown => EndReason::Shutdown,
+        RunEnd::Paused | RunEnd::Stopped => EndReason::Stopped,
+    }
+}
+
+impl<S: LogSink> Observer for Recorder<S> {
+    fn at_point(&mut self, m: &mut Machine) -> Result<Flow> {
+        let inputs = m.poll_host_inputs();
+        if !inputs.is_empty() {
+            let point = m.point()?;
+            for input in inputs {
+                let applied = m.apply(&input);
+                self.stats.inputs += 1;
+                self.log(point, input_entry(&applied))?;
+            }
+        }
+        if self
+            .digest_every
+            .is_some_and(|d| self.last_digest.elapsed() >= d)
+        {
+            self.log_digest(m)?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn on_read(
+        &mut self,
+        m: &mut Machine,
+        src: ReadSource,
+        class: ReadClass,
+        data: &mut [u8],
+    ) -> Result<()> {
+        let point = m.point()?;
+        self.stats.reads += 1;
+        self.log(point, read_entry(src, class, data))
+    }
+
+    fn on_inject(&mut self, m: &mut Machine, vector: u8) -> Result<()> {
+        let point = m.point()?;
+        self.stats.injections += 1;
+        self.log(point, EntryKind::Inject { vector })
+    }
+}

@@ -1,0 +1,336 @@
+//! The vCPU run loop. Every exit is emulated here and reported to an
+//! [`Observer`], which is how the record/replay layer hooks in without any
+//! device knowing about it.
+
+use kvm_ioctls::VcpuExit;
+
+use crate::devices::{DeviceCtx, ReadClass};
+use crate::machine::Machine;
+use crate::points::{ExitKind, PointMode};
+use crate::{Error, Result};
+
+/// Where a non-deterministic value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadSource {
+    /// A port read.
+    Port(u16),
+    /// An MMIO read.
+    Mmio(u64),
+    /// An RDMSR of a filtered MSR.
+    Msr(u32),
+}
+
+/// What the observer wants after a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep running.
+    Continue,
+    /// Return from [`Machine::run`] with [`RunEnd::Paused`]; a later `run`
+    /// resumes at the same point.
+    Pause,
+}
+
+/// Why [`Machine::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The guest wrote its exit code to the power port.
+    PowerOff(u8),
+    /// The guest halted with interrupts disabled: nothing can wake it.
+    HaltedForever,
+    /// The guest triple-faulted.
+    Shutdown,
+    /// The observer paused the run.
+    Paused,
+    /// A stop was requested through the host-input queue.
+    Stopped,
+}
+
+/// Hooks into the run loop.
+pub trait Observer {
+    /// The vCPU is stopped at an execution point that has not been processed.
+    /// Apply due inputs here ([`Machine::poll_host_inputs`] / [`Machine::apply`]).
+    /// May be called more than once at the same point (after a pause, or when
+    /// an idle guest is woken): inputs applied in any of those calls take
+    /// effect together.
+    fn at_point(&mut self, m: &mut Machine) -> Result<Flow>;
+
+    /// A device read returned a value that is not a function of guest state.
+    /// `data` holds the device's value; a replayer overwrites it.
+    fn on_read(
+        &mut self,
+        _m: &mut Machine,
+        _src: ReadSource,
+        _class: ReadClass,
+        _data: &mut [u8],
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// `vector` is about to be injected at the current point.
+    fn on_inject(&mut self, _m: &mut Machine, _vector: u8) -> Result<()> {
+        Ok(())
+    }
+
+    /// The guest is halted with interrupts enabled and nothing to deliver.
+    /// Block until an input may be due; the point is then processed again.
+    fn on_idle(&mut self, m: &mut Machine) -> Result<Flow> {
+        Ok(if m.wait_for_input() {
+            Flow::Continue
+        } else {
+            Flow::Pause
+        })
+    }
+}
+
+/// A VM nobody replays: inputs are applied the moment they are due.
+#[derive(Debug, Default)]
+pub struct Live;
+
+impl Observer for Live {
+    fn at_point(&mut self, m: &mut Machine) -> Result<Flow> {
+        for input in m.poll_host_inputs() {
+            m.apply(&input);
+        }
+        Ok(Flow::Continue)
+    }
+}
+
+/// Data of an I/O exit, copied out of `kvm_run` so the observer can look at
+/// the machine while we hold it.
+struct IoExit {
+    port: u16,
+    write: bool,
+    size: usize,
+    data: Vec<u8>,
+}
+
+const MSR_TSC_HZ: u64 = 1_000_000_000;
+
+impl Machine {
+    /// Run the vCPU until the guest stops or the observer pauses.
+    pub fn run(&mut self, obs: &mut dyn Observer) -> Result<RunEnd> {
+        loop {
+            if self.ls.pending_point {
+                if self.host_inputs().stop_requested() {
+                    return Ok(RunEnd::Stopped);
+                }
+                if obs.at_point(self)? == Flow::Pause {
+                    return Ok(RunEnd::Paused);
+                }
+                if let Some(v) = self.try_inject()? {
+                    obs.on_inject(self, v)?;
+                }
+                if self.ls.halted {
+                    if !self.ls.if_flag {
+                        return Ok(RunEnd::HaltedForever);
+                    }
+                    if obs.on_idle(self)? == Flow::Pause {
+                        return Ok(if self.host_inputs().stop_requested() {
+                            RunEnd::Stopped
+                        } else {
+                            RunEnd::Paused
+                        });
+                    }
+                    continue;
+                }
+                self.ls.pending_point = false;
+            }
+            if let Some(end) = self.run_once(obs)? {
+                return Ok(end);
+            }
+        }
+    }
+
+    /// One KVM_RUN and the emulation of its exit.
+    fn run_once(&mut self, obs: &mut dyn Observer) -> Result<Option<RunEnd>> {
+        self.prepare_entry()?;
+        let mut exit = match self.vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => Exit::Io(IoExit {
+                port,
+                write: false,
+                size: 0,
+                data: data.to_vec(),
+            }),
+            Ok(VcpuExit::IoOut(port, data)) => Exit::Io(IoExit {
+                port,
+                write: true,
+                size: 0,
+                data: data.to_vec(),
+            }),
+            Ok(VcpuExit::MmioRead(addr, data)) => Exit::Mmio(addr, false, data.to_vec()),
+            Ok(VcpuExit::MmioWrite(addr, data)) => Exit::Mmio(addr, true, data.to_vec()),
+            Ok(VcpuExit::Hlt) => Exit::Kind(ExitKind::Hlt),
+            Ok(VcpuExit::IrqWindowOpen) => Exit::Kind(ExitKind::IrqWindow),
+            Ok(VcpuExit::Debug(_)) => Exit::Kind(ExitKind::Debug),
+            Ok(VcpuExit::X86Rdmsr(m)) => Exit::Msr(m.index, None),
+            Ok(VcpuExit::X86Wrmsr(m)) => Exit::Msr(m.index, Some(m.data)),
+            Ok(VcpuExit::Intr) => Exit::Kind(ExitKind::Interrupted),
+            Ok(VcpuExit::Shutdown) => Exit::End(RunEnd::Shutdown),
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                return Err(Error::GuestFault(format!(
+                    "VM entry failed, reason {reason:#x}"
+                )))
+            }
+            Ok(VcpuExit::InternalError) => {
+                return Err(Error::GuestFault(
+                    "KVM internal error (emulation failure)".into(),
+                ))
+            }
+            Ok(other) => return Err(Error::GuestFault(format!("unexpected VM exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                Exit::Kind(ExitKind::Interrupted)
+            }
+            Err(source) => {
+                return Err(Error::Kvm {
+                    op: "KVM_RUN",
+                    source,
+                })
+            }
+        };
+        self.note_exit_flags();
+        if let Exit::Io(io) = &mut exit {
+            io.size = self.io_elem_size();
+        }
+        let kind = match &exit {
+            Exit::Io(_) => ExitKind::Io,
+            Exit::Mmio(..) => ExitKind::Mmio,
+            Exit::Msr(..) => ExitKind::Msr,
+            Exit::Kind(k) => *k,
+            Exit::End(end) => return Ok(Some(*end)),
+        };
+        let mode = self.point_mode();
+        if mode.counts(kind) {
+            self.ls.count += 1;
+            self.clock.on_exit();
+        }
+        if mode.is_point(kind) {
+            self.ls.pending_point = true;
+        }
+        match exit {
+            Exit::Io(io) => return self.emulate_io(io, obs),
+            Exit::Mmio(addr, write, data) => self.emulate_mmio(addr, write, data, obs)?,
+            Exit::Msr(index, value) => self.emulate_msr(index, value, obs)?,
+            Exit::Kind(ExitKind::Hlt) => self.ls.halted = true,
+            Exit::Kind(ExitKind::IrqWindow) => self.ls.request_window = false,
+            Exit::Kind(_) | Exit::End(_) => {}
+        }
+        if mode == PointMode::AnyExit {
+            self.ls.pending_point = true;
+        }
+        Ok(None)
+    }
+
+    fn emulate_io(&mut self, mut io: IoExit, obs: &mut dyn Observer) -> Result<Option<RunEnd>> {
+        let mut ctx = DeviceCtx::new(self.clock.now_ns());
+        let size = io.size;
+        if io.write {
+            for chunk in io.data.chunks(size) {
+                self.devices.pio_write(io.port, chunk, &mut ctx);
+            }
+            if let Some(code) = ctx.stop {
+                return Ok(Some(RunEnd::PowerOff(code)));
+            }
+            return Ok(None);
+        }
+        let mut class = ReadClass::Deterministic;
+        for chunk in io.data.chunks_mut(size) {
+            let c = self.devices.pio_read(io.port, chunk, &mut ctx);
+            if c != ReadClass::Deterministic {
+                class = c;
+            }
+        }
+        if class != ReadClass::Deterministic {
+            self.point()?;
+            obs.on_read(self, ReadSource::Port(io.port), class, &mut io.data)?;
+        }
+        self.write_io_result(&io.data);
+        Ok(None)
+    }
+
+    fn emulate_mmio(
+        &mut self,
+        addr: u64,
+        write: bool,
+        mut data: Vec<u8>,
+        obs: &mut dyn Observer,
+    ) -> Result<()> {
+        let mut ctx = DeviceCtx::new(self.clock.now_ns());
+        if write {
+            self.devices.mmio_write(addr, &data, &mut ctx);
+            return Ok(());
+        }
+        let class = self.devices.mmio_read(addr, &mut data, &mut ctx);
+        if class != ReadClass::Deterministic {
+            self.point()?;
+            obs.on_read(self, ReadSource::Mmio(addr), class, &mut data)?;
+        }
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_MMIO, so `mmio` is the live
+        // union member; we write at most its 8 data bytes.
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let n = data.len().min(mmio.data.len());
+        mmio.data[..n].copy_from_slice(&data[..n]);
+        Ok(())
+    }
+
+    fn emulate_msr(
+        &mut self,
+        index: u32,
+        value: Option<u64>,
+        obs: &mut dyn Observer,
+    ) -> Result<()> {
+        let mut result: Option<u64> = None;
+        if value.is_none() && index == crate::arch::msr::IA32_TSC {
+            // A 1 GHz TSC derived from the device clock: a logged clock read.
+            let ns = self.clock.now_ns();
+            let mut b = (ns.saturating_mul(MSR_TSC_HZ / 1_000_000_000)).to_le_bytes();
+            self.point()?;
+            obs.on_read(self, ReadSource::Msr(index), ReadClass::Clock, &mut b)?;
+            result = Some(u64::from_le_bytes(b));
+        }
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_X86_RDMSR/WRMSR, so `msr` is the
+        // live union member.
+        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+        match (value, result) {
+            (None, Some(v)) => {
+                msr.data = v;
+                msr.error = 0;
+            }
+            // TSC writes are ignored; everything else filtered raises #GP.
+            (Some(_), _) if index == crate::arch::msr::IA32_TSC => msr.error = 0,
+            _ => msr.error = 1,
+        }
+        Ok(())
+    }
+
+    /// Element size of the last port access (REP string I/O moves several).
+    fn io_elem_size(&mut self) -> usize {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: called right after a KVM_EXIT_IO, so `io` is the live member.
+        let size = unsafe { run.__bindgen_anon_1.io.size };
+        usize::from(size).max(1)
+    }
+
+    /// Put the (possibly replaced) result of a port read back into kvm_run.
+    fn write_io_result(&mut self, data: &[u8]) {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO, so `io` is the live member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let len = (io.size as usize) * (io.count as usize);
+        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+        // SAFETY: KVM guarantees `data_offset .. data_offset + size*count`
+        // lies inside the kvm_run mapping, and `len` bytes is what it holds.
+        let dst = unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), len) };
+        let n = len.min(data.len());
+        dst[..n].copy_from_slice(&data[..n]);
+    }
+}
+
+enum Exit {
+    Io(IoExit),
+    Mmio(u64, bool, Vec<u8>),
+    Msr(u32, Option<u64>),
+    Kind(ExitKind),
+    End(RunEnd),
+}
