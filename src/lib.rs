@@ -5,5 +5,6 @@
 
 pub mod console;
 pub mod guest;
+pub mod rr;
 pub mod status;
 pub mod testkit;

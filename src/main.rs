@@ -2,13 +2,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ftlog::ExecBackend;
+use ftvmm::rr::{self, RecordOptions};
+use ftvmm::status::{self, Progress};
 use ftvmm::{console, guest};
 use vmm::clock::ClockMode;
 use vmm::devices::ftclock::Entropy;
+use vmm::points::PointMode;
 use vmm::{Live, Machine, MachineConfig, RunEnd};
 
 /// Fault-tolerant virtual machines on KVM.
@@ -24,6 +28,58 @@ enum Command {
     /// Boot a guest (the bundled one unless --kernel is given) and show its
     /// serial console on stdout; stdin goes to the guest's serial port.
     Run(RunArgs),
+    /// Boot a guest and record everything non-deterministic it sees into a
+    /// log, showing its console as `run` does.
+    Record(RecordArgs),
+    /// Replay a log on the same kernel, checking state digests on the way;
+    /// shows the replayed console. Exits 1 with a report on divergence.
+    Replay(ReplayArgs),
+    /// Record the bundled guest, replay the log, and show that both runs
+    /// reach the same state.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct RecordArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// The log file to write.
+    #[arg(long)]
+    log: PathBuf,
+    /// Execution-point backend: pmu (needs a hardware PMU), singlestep, or
+    /// exits. Default: pmu where it works, else exits.
+    #[arg(long)]
+    backend: Option<ExecBackend>,
+    /// Host milliseconds between state digests in the log (0: only at the end).
+    #[arg(long, default_value_t = 200)]
+    digest_ms: u64,
+    /// Do not forward stdin to the guest's serial port.
+    #[arg(long)]
+    no_stdin: bool,
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// The log file to replay.
+    #[arg(long)]
+    log: PathBuf,
+    /// The kernel the log was recorded with (default: the bundled guest).
+    /// Memory size and command line come from the log.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Do not show the replayed console.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Execution-point backend for the recording.
+    #[arg(long)]
+    backend: Option<ExecBackend>,
+    /// Seconds of guest run time to record.
+    #[arg(long, default_value_t = 3)]
+    seconds: u32,
 }
 
 /// What a VM is made of.
@@ -114,6 +170,121 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     })
 }
 
+fn end_code(end: RunEnd) -> ExitCode {
+    match end {
+        RunEnd::PowerOff(code) => ExitCode::from(code),
+        RunEnd::HaltedForever => ExitCode::from(2),
+        RunEnd::Shutdown => ExitCode::from(3),
+        RunEnd::Paused | RunEnd::Stopped => ExitCode::SUCCESS,
+    }
+}
+
+fn record(args: RecordArgs) -> Result<ExitCode> {
+    let image = args.vm.kernel_image()?;
+    let file = std::fs::File::create(&args.log)
+        .with_context(|| format!("cannot create log {}", args.log.display()))?;
+    let backend = args.backend.unwrap_or_else(PointMode::best_available);
+    let opts = RecordOptions {
+        backend,
+        digest_every: (args.digest_ms > 0).then(|| Duration::from_millis(args.digest_ms)),
+    };
+    let progress = Progress::new();
+    status::spawn("record", progress.clone(), Duration::from_secs(2));
+    let no_stdin = args.no_stdin;
+    let done = rr::record(
+        &image,
+        args.vm.config(),
+        file,
+        opts,
+        progress.clone(),
+        |m| {
+            if !no_stdin {
+                console::forward_stdin(m.host_inputs());
+            }
+        },
+    );
+    progress.finish();
+    let done = done?;
+    eprintln!(
+        "ftvmm: recorded {:?} with the {backend} backend: {} entries ({} inputs, {} reads, {} injections, {} digests), {} exits, {} bytes -> {}",
+        done.end,
+        done.stats.entries,
+        done.stats.inputs,
+        done.stats.reads,
+        done.stats.injections,
+        done.stats.digests,
+        done.exits,
+        done.bytes,
+        args.log.display()
+    );
+    Ok(end_code(done.end))
+}
+
+fn replay(args: ReplayArgs) -> Result<ExitCode> {
+    let image = match &args.kernel {
+        Some(p) => {
+            std::fs::read(p).with_context(|| format!("cannot read kernel {}", p.display()))?
+        }
+        None => guest::GUEST_ELF.to_vec(),
+    };
+    let file = std::fs::File::open(&args.log)
+        .with_context(|| format!("cannot open log {}", args.log.display()))?;
+    let out: vmm::devices::serial::SerialOut = if args.quiet {
+        Box::new(std::io::sink())
+    } else {
+        Box::new(console::Stdout)
+    };
+    let start = Instant::now();
+    let done = rr::replay(&image, std::io::BufReader::new(file), out)
+        .with_context(|| format!("replay of {} failed", args.log.display()))?;
+    eprintln!(
+        "ftvmm: replay matched the recording ({} backend): {} entries, {} state digests equal, {} exits, ended {:?}, {:.2}s",
+        done.backend,
+        done.stats.entries,
+        done.stats.digests_checked,
+        done.exits,
+        done.end,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(end_code(done.end))
+}
+
+fn demo(args: DemoArgs) -> Result<ExitCode> {
+    let dir = std::env::temp_dir().join(format!("ftvmm-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log = dir.join("demo.ftlog");
+    let hz = 100;
+    let cmdline = format!("hz={hz} ticks={} digest_every={hz}", args.seconds * hz);
+    println!("== ftvmm demo: recording the bundled guest ({cmdline})");
+    let vm = VmArgs {
+        kernel: None,
+        mem: 32,
+        cmdline,
+        clock: ClockArg::Host,
+        ns_per_exit: 20_000,
+        seed: None,
+    };
+    record(RecordArgs {
+        vm,
+        log: log.clone(),
+        backend: args.backend,
+        digest_ms: 200,
+        no_stdin: true,
+    })?;
+    println!(
+        "\n== replaying {} on a fresh VM (its own timers and clock silent)",
+        log.display()
+    );
+    let code = replay(ReplayArgs {
+        log,
+        kernel: None,
+        quiet: false,
+    })?;
+    println!("\n== the replayed guest printed the same digests: it reached the same state");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(code)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -125,6 +296,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(a) => run(a),
+        Command::Record(a) => record(a),
+        Command::Replay(a) => replay(a),
+        Command::Demo(a) => demo(a),
     };
     match result {
         Ok(code) => code,

@@ -46,6 +46,14 @@ impl Frame {
     }
 }
 
+/// [`Frame`] by reference, so entries are encoded without a copy; the
+/// encoding is the same (postcard writes only the variant index).
+#[derive(Serialize)]
+enum FrameRef<'a> {
+    Header(&'a LogHeader),
+    Entry(&'a LogEntry),
+}
+
 /// Where a frame sits in its stream, for error messages: its index (the
 /// header is frame 0) and the byte offset of its head from the start of
 /// the stream, preamble included.
@@ -67,8 +75,8 @@ impl FramePos {
     /// The position of the frame after this one, which took `len` bytes.
     pub fn next(self, len: usize) -> FramePos {
         FramePos {
-            index: self.index + 1,
-            offset: self.offset + len as u64,
+            index: self.index.saturating_add(1),
+            offset: self.offset.saturating_add(len as u64),
         }
     }
 }
@@ -123,6 +131,32 @@ pub fn encode_frame(frame: &Frame, out: &mut Vec<u8>) -> Result<usize, LogError>
 
 /// [`encode_frame`], naming `at` in errors.
 pub fn encode_frame_at(frame: &Frame, out: &mut Vec<u8>, at: FramePos) -> Result<usize, LogError> {
+    let frame = match frame {
+        Frame::Header(h) => FrameRef::Header(h),
+        Frame::Entry(e) => FrameRef::Entry(e),
+    };
+    encode_ref(&frame, out, at)
+}
+
+/// Append `Frame::Header(header)`, framed, to `out`, without copying it.
+pub fn encode_header_at(
+    header: &LogHeader,
+    out: &mut Vec<u8>,
+    at: FramePos,
+) -> Result<usize, LogError> {
+    encode_ref(&FrameRef::Header(header), out, at)
+}
+
+/// Append `Frame::Entry(entry)`, framed, to `out`, without copying it.
+pub fn encode_entry_at(
+    entry: &LogEntry,
+    out: &mut Vec<u8>,
+    at: FramePos,
+) -> Result<usize, LogError> {
+    encode_ref(&FrameRef::Entry(entry), out, at)
+}
+
+fn encode_ref(frame: &FrameRef<'_>, out: &mut Vec<u8>, at: FramePos) -> Result<usize, LogError> {
     let start = out.len();
     out.extend_from_slice(&[0; FRAME_HEAD_LEN]);
     if let Err(e) = postcard::to_io(frame, &mut *out) {

@@ -130,6 +130,11 @@ pub enum LogError {
         point: ExecPoint,
     },
 
+    /// An earlier write failed, so the stream may end inside a frame and
+    /// nothing may be appended to it.
+    #[error("the log writer failed earlier; its stream may end inside a frame")]
+    WriterBroken,
+
     /// Not one of `pmu`, `singlestep`, `exits`.
     #[error("unknown execution-point backend {0:?}: expected pmu, singlestep or exits")]
     UnknownBackend(String),

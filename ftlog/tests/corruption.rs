@@ -427,3 +427,50 @@ proptest! {
         let _ = read_until_end(&stream);
     }
 }
+
+/// Accepts `budget` bytes, then fails every write.
+struct Full {
+    budget: usize,
+    got: Vec<u8>,
+}
+
+impl io::Write for Full {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        if self.budget == 0 {
+            return Err(io::Error::other("disk full"));
+        }
+        let n = b.len().min(self.budget);
+        self.budget -= n;
+        self.got.extend_from_slice(&b[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn after_a_failed_write_the_writer_refuses_more() {
+    let big = LogEntry {
+        seq: 0,
+        point: ExecPoint::default(),
+        kind: EntryKind::RxFrame {
+            queue: 0,
+            bytes: vec![0; 200_000],
+        },
+    };
+    let sink = Full {
+        budget: 100_000,
+        got: Vec::new(),
+    };
+    let mut w = LogWriter::new(sink, &header()).unwrap();
+    let e = w.append(&big).unwrap_err();
+    assert!(matches!(e, LogError::Io(_)), "{e}");
+    let e = w.append(&entry(0, 0)).unwrap_err();
+    assert!(matches!(e, LogError::WriterBroken), "{e}");
+    // What reached the sink reads as a truncated log, not a wrong one.
+    let (got, end) = read_until_end(&w.get_ref().got);
+    assert!(got.is_empty());
+    assert!(matches!(end, Err(LogError::Truncated { .. })), "{end:?}");
+}

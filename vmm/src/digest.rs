@@ -37,3 +37,8 @@ impl Machine {
         Ok(*h.finalize().as_bytes())
     }
 }
+
+/// BLAKE3 of a kernel image, as a log header records it.
+pub fn image_digest(image: &[u8]) -> StateDigest {
+    *blake3::hash(image).as_bytes()
+}

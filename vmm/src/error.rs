@@ -69,6 +69,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The chosen execution-point backend cannot run here.
+    #[error("execution-point backend unavailable: {0}")]
+    Backend(String),
     /// A replay left the recorded execution.
     #[error("replay diverged: {0}")]
     Divergence(String),

@@ -37,6 +37,45 @@ impl PointMode {
     }
 }
 
+impl PointMode {
+    /// The mode that implements a logged backend on this host. The `pmu`
+    /// backend needs a hardware PMU; where there is none the error says so.
+    pub fn for_backend(backend: ftlog::ExecBackend) -> crate::Result<Self> {
+        match backend {
+            ftlog::ExecBackend::Exits => Ok(PointMode::Exits),
+            ftlog::ExecBackend::Singlestep => Ok(PointMode::SingleStep),
+            ftlog::ExecBackend::Pmu => match crate::pmu::probe() {
+                Err(e) => Err(crate::Error::Backend(format!("pmu: {e}"))),
+                Ok(info) => Err(crate::Error::Backend(format!(
+                    "pmu: a PMU was found ({:?}), but landing on counted points is not wired into \
+                     the run loop yet; choose `--backend exits` or `--backend singlestep`",
+                    info.event
+                ))),
+            },
+        }
+    }
+
+    /// The backend name a log records for this mode.
+    pub fn backend(self) -> Option<ftlog::ExecBackend> {
+        match self {
+            PointMode::Exits => Some(ftlog::ExecBackend::Exits),
+            PointMode::SingleStep => Some(ftlog::ExecBackend::Singlestep),
+            PointMode::AnyExit => None,
+        }
+    }
+
+    /// The best backend this host supports: `pmu` where it works, else `exits`.
+    pub fn best_available() -> ftlog::ExecBackend {
+        match PointMode::for_backend(ftlog::ExecBackend::Pmu) {
+            Ok(_) => ftlog::ExecBackend::Pmu,
+            Err(e) => {
+                tracing::info!("{e}; using the exits backend");
+                ftlog::ExecBackend::Exits
+            }
+        }
+    }
+}
+
 /// The exits the run loop distinguishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitKind {

@@ -194,3 +194,9 @@ impl<S: LogSink> Observer for Recorder<S> {
         self.log(point, EntryKind::Inject { vector })
     }
 }
+
+impl<W: std::io::Write> LogSink for ftlog::LogWriter<W> {
+    fn append(&mut self, point: ExecPoint, kind: EntryKind) -> Result<u64> {
+        Ok(self.push(point, kind)?)
+    }
+}

@@ -264,3 +264,42 @@ impl<S: LogSource> Observer for Replayer<S> {
         }
     }
 }
+
+/// Entries read from an ftlog stream (a file or a socket).
+pub struct ReaderSource<R: std::io::Read> {
+    reader: ftlog::LogReader<R>,
+    peeked: Option<LogEntry>,
+}
+
+impl<R: std::io::Read> ReaderSource<R> {
+    /// Replay from `reader`, whose header has already been read.
+    pub fn new(reader: ftlog::LogReader<R>) -> Self {
+        ReaderSource {
+            reader,
+            peeked: None,
+        }
+    }
+
+    /// The log's header.
+    pub fn header(&self) -> &ftlog::LogHeader {
+        self.reader.header()
+    }
+
+    /// Bytes consumed so far.
+    pub fn offset(&self) -> u64 {
+        self.reader.offset()
+    }
+}
+
+impl<R: std::io::Read> LogSource for ReaderSource<R> {
+    fn peek(&mut self) -> Result<Option<&LogEntry>> {
+        if self.peeked.is_none() {
+            self.peeked = self.reader.next_entry()?;
+        }
+        Ok(self.peeked.as_ref())
+    }
+
+    fn advance(&mut self) {
+        self.peeked = None;
+    }
+}

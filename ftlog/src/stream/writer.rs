@@ -3,14 +3,15 @@
 use std::io::{BufWriter, Write};
 
 use super::Order;
-use crate::codec::{encode_frame_at, encode_preamble, Frame, FORMAT_VERSION};
+use crate::codec::{encode_entry_at, encode_header_at, encode_preamble, FORMAT_VERSION};
 use crate::{EntryKind, ExecPoint, FramePos, LogEntry, LogError, LogHeader};
 
 /// Writes a log: the preamble and header on creation, then entries.
 ///
 /// Output is buffered: call [`LogWriter::flush`] when the other end must
 /// see what was appended (a backup waiting on a socket). Dropping the
-/// writer flushes too, but ignores errors.
+/// writer flushes too, but ignores errors. After a failed write the writer
+/// refuses further entries ([`LogError::WriterBroken`]).
 #[derive(Debug)]
 pub struct LogWriter<W: Write> {
     out: BufWriter<W>,
@@ -19,6 +20,9 @@ pub struct LogWriter<W: Write> {
     /// Where the next frame goes.
     pos: FramePos,
     order: Order,
+    /// A write failed: the stream may end inside a frame, so nothing more
+    /// may follow.
+    broken: bool,
 }
 
 impl<W: Write> LogWriter<W> {
@@ -30,10 +34,13 @@ impl<W: Write> LogWriter<W> {
             frame: Vec::new(),
             pos: FramePos::FIRST,
             order: Order::default(),
+            broken: false,
         };
         encode_preamble(&mut w.frame);
         w.out.write_all(&w.frame)?;
-        w.write_frame(&Frame::Header(header.clone()))?;
+        w.frame.clear();
+        let len = encode_header_at(header, &mut w.frame, w.pos)?;
+        w.write_frame(len)?;
         tracing::debug!(version = FORMAT_VERSION, backend = %header.backend, "log writer started");
         Ok(w)
     }
@@ -43,7 +50,9 @@ impl<W: Write> LogWriter<W> {
     /// written and the error says why.
     pub fn append(&mut self, entry: &LogEntry) -> Result<(), LogError> {
         self.order.check(entry, self.pos)?;
-        self.write_frame(&Frame::Entry(entry.clone()))?;
+        self.frame.clear();
+        let len = encode_entry_at(entry, &mut self.frame, self.pos)?;
+        self.write_frame(len)?;
         self.order.accept(entry);
         Ok(())
     }
@@ -84,10 +93,15 @@ impl<W: Write> LogWriter<W> {
             .map_err(|e| LogError::Io(e.into_error()))
     }
 
-    fn write_frame(&mut self, frame: &Frame) -> Result<(), LogError> {
-        self.frame.clear();
-        let len = encode_frame_at(frame, &mut self.frame, self.pos)?;
-        self.out.write_all(&self.frame)?;
+    /// Write the `len`-byte frame encoded in `self.frame`.
+    fn write_frame(&mut self, len: usize) -> Result<(), LogError> {
+        if self.broken {
+            return Err(LogError::WriterBroken);
+        }
+        if let Err(e) = self.out.write_all(&self.frame) {
+            self.broken = true;
+            return Err(e.into());
+        }
         self.pos = self.pos.next(len);
         Ok(())
     }
