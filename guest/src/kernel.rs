@@ -122,10 +122,14 @@ fn digest(h: u64) -> u64 {
     mix(STATE.load(Relaxed), h)
 }
 
-/// The sleep syscall, RAX = the workload's hash: print what is due, stop if the
+/// Workload steps completed (RDX of each sleep syscall), for benchmarks.
+static STEPS: AtomicU64 = AtomicU64::new(0);
+
+/// The sleep syscall, RAX = the workload's hash, RDX = steps done: print what is due, stop if the
 /// tick budget is spent, else sleep until the next timer tick.
 pub fn sleep_syscall(frame: &Frame) {
     let h = frame.rax;
+    STEPS.fetch_add(frame.rdx, Relaxed);
     echo_rx();
     let now = TICKS.load(Relaxed);
     let every = DIGEST_EVERY.load(Relaxed);
@@ -141,6 +145,9 @@ pub fn sleep_syscall(frame: &Frame) {
     NEXT_DIGEST.store(next, Relaxed);
     let stop = STOP_AT.load(Relaxed);
     if stop != 0 && now >= stop {
+        serial::puts("work steps ");
+        serial::put_dec(STEPS.load(Relaxed));
+        serial::puts("\n");
         serial::puts("done ticks ");
         serial::put_dec(stop);
         serial::puts(" digest ");

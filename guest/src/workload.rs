@@ -71,10 +71,11 @@ pub fn run(user: bool, work: u64, seed: u64) -> ! {
 extern "C" fn user_main(work: u64, seed: u64) -> ! {
     let mut h = seed;
     loop {
-        h = slice(h, work);
+        let (next, steps) = slice(h, work);
+        h = next;
         // SAFETY: the #UD handler preserves every register and the SSE
         // state; the stack is ours (no red zone, so `call` is fine).
-        unsafe { asm!("call {f}", f = sym sys_sleep, in("rax") h) };
+        unsafe { asm!("call {f}", f = sym sys_sleep, in("rax") h, in("rdx") steps) };
     }
 }
 
@@ -83,7 +84,9 @@ extern "C" fn user_main(work: u64, seed: u64) -> ! {
 /// every step. RCX holds the step number i, so the timer ISR folds the
 /// RIP and RCX of the interrupted step into its digest. The slice ends
 /// early once TICKS reaches BREAK_AT (a tick that is due a digest or stop).
-fn slice(mut h: u64, work: u64) -> u64 {
+/// Returns the new hash and the number of steps done.
+fn slice(mut h: u64, work: u64) -> (u64, u64) {
+    let steps: u64;
     // SAFETY: only reads two kernel counters that live forever; every
     // register used is declared.
     unsafe {
@@ -104,7 +107,7 @@ fn slice(mut h: u64, work: u64) -> u64 {
             "jmp 2b",
             "3:",
             inout("rax") h,
-            inout("rcx") 0u64 => _,
+            inout("rcx") 0u64 => steps,
             in("rdx") work,
             in("rdi") kernel::ticks_ptr(),
             in("rsi") kernel::break_at_ptr(),
@@ -113,5 +116,5 @@ fn slice(mut h: u64, work: u64) -> u64 {
             options(nostack, readonly),
         );
     }
-    h
+    (h, steps)
 }

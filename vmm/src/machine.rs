@@ -375,7 +375,11 @@ impl Machine {
         if self.kicker.is_none() {
             self.bind_to_current_thread()?;
         }
-        if self.live_timers && !self.clock.is_virtual() {
+        // Kicks only help where any exit is a point. Elsewhere the input waits
+        // for the next deterministic exit anyway, and a kick can make KVM drop
+        // a requested interrupt-window exit (seen on kvm_pvm), which would
+        // move the injection to another instruction than the backup's.
+        if self.live_timers && !self.clock.is_virtual() && self.points == PointMode::AnyExit {
             if let (Some(t), Some(k)) = (&self.ticker, self.kicker) {
                 let d = self
                     .devices
@@ -403,7 +407,9 @@ impl Machine {
         kick::arm_current_thread(std::ptr::addr_of_mut!(run.immediate_exit));
         let k = Kicker::current();
         self.kicker = Some(k);
-        self.host.set_kicker(Some(k));
+        if self.points == PointMode::AnyExit {
+            self.host.set_kicker(Some(k));
+        }
         if self.ticker.is_none() {
             self.ticker = Some(Ticker::start()?);
         }

@@ -3,6 +3,7 @@
 //! device knowing about it.
 
 use kvm_ioctls::VcpuExit;
+use vm_memory::Bytes;
 
 use crate::devices::{DeviceCtx, ReadClass};
 use crate::machine::Machine;
@@ -191,6 +192,14 @@ impl Machine {
         if let Exit::Io(io) = &mut exit {
             io.size = self.io_elem_size();
         }
+        if matches!(exit, Exit::Kind(ExitKind::Hlt))
+            && self.point_mode() == PointMode::SingleStep
+            && !self.after_hlt_instruction()?
+        {
+            // kvm_pvm sometimes reports a single step over an emulated
+            // instruction (fxsave64 at CPL0) as a HLT exit; it is a step.
+            exit = Exit::Kind(ExitKind::Debug);
+        }
         let kind = match &exit {
             Exit::Io(_) => ExitKind::Io,
             Exit::Mmio(..) => ExitKind::Mmio,
@@ -199,6 +208,15 @@ impl Machine {
             Exit::End(end) => return Ok(Some(*end)),
         };
         let mode = self.point_mode();
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let rip = self.regs().map(|r| r.rip).unwrap_or(0);
+            tracing::trace!(
+                count = self.ls.count,
+                ?kind,
+                rip = format_args!("{rip:#x}"),
+                "exit"
+            );
+        }
         if mode.counts(kind) {
             self.ls.count += 1;
             self.clock.on_exit();
@@ -302,6 +320,23 @@ impl Machine {
             _ => msr.error = 1,
         }
         Ok(())
+    }
+
+    /// Whether the instruction just before RIP is a HLT (0xf4).
+    fn after_hlt_instruction(&mut self) -> Result<bool> {
+        let rip = self.regs()?.rip;
+        let t = self
+            .vcpu
+            .translate_gva(rip.wrapping_sub(1))
+            .map_err(Error::kvm("KVM_TRANSLATE"))?;
+        if t.valid == 0 {
+            return Ok(true);
+        }
+        let byte: u8 = self
+            .memory()
+            .read_obj(vm_memory::GuestAddress(t.physical_address))
+            .unwrap_or(0xf4);
+        Ok(byte == 0xf4)
     }
 
     /// Element size of the last port access (REP string I/O moves several).
