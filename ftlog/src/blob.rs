@@ -1,6 +1,6 @@
 //! Self-contained binary files other than logs (VM snapshots): a magic, a
 //! format version, the payload length and CRC-32, then the postcard payload.
-//! Kept beside [`crate::codec`] so postcard stays behind this crate.
+//! The payload encoding itself lives in [`crate::codec`].
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -84,9 +84,9 @@ const HEAD: usize = 8 + 4 + 8 + 4;
 impl BlobFormat {
     /// Encode `value`.
     pub fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>, BlobError> {
-        let payload = postcard::to_stdvec(value).map_err(|e| BlobError::Encode {
+        let payload = crate::codec::encode_value(value).map_err(|reason| BlobError::Encode {
             kind: self.kind,
-            reason: e.to_string(),
+            reason,
         })?;
         let mut out = Vec::with_capacity(HEAD + payload.len());
         out.extend_from_slice(&self.magic);
@@ -144,10 +144,7 @@ impl BlobFormat {
                 computed,
             });
         }
-        postcard::from_bytes(payload).map_err(|e| BlobError::Decode {
-            kind,
-            reason: e.to_string(),
-        })
+        crate::codec::decode_value(payload).map_err(|reason| BlobError::Decode { kind, reason })
     }
 }
 

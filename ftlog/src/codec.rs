@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::{LogEntry, LogError, LogHeader};
@@ -262,6 +263,21 @@ pub fn check_eof(buf: &[u8], at: FramePos) -> Result<(), LogError> {
         expected: expected as u64,
         present: buf.len() as u64,
     })
+}
+
+/// Postcard-encode a value that is not a log frame (snapshot files, see
+/// [`crate::blob`]), so postcard stays behind this module.
+pub(crate) fn encode_value<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    postcard::to_stdvec(value).map_err(|e| e.to_string())
+}
+
+/// Decode what [`encode_value`] wrote; the whole buffer must be used.
+pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let (value, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err(format!("{} stray bytes after the value", rest.len()));
+    }
+    Ok(value)
 }
 
 #[cfg(test)]
