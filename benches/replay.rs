@@ -99,8 +99,14 @@ fn measure(backend: ExecBackend, cmdline: &str) -> Row {
 
 fn main() {
     let runs = [
-        (ExecBackend::Exits, "hz=1000 ticks=3000 work=500000 digest_every=1000"),
-        (ExecBackend::Singlestep, "hz=1000 ticks=300 work=2000 digest_every=100"),
+        (
+            ExecBackend::Exits,
+            "hz=1000 ticks=3000 work=500000 digest_every=1000",
+        ),
+        (
+            ExecBackend::Singlestep,
+            "hz=1000 ticks=300 work=2000 digest_every=100",
+        ),
     ];
     println!("| backend | guest command line | work/s plain VM | work/s same points, not recorded | work/s recorded | recorded / not recorded | entries | log bytes/s | bytes/entry | record s | replay s | replay speed vs record |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");

@@ -205,6 +205,22 @@ fn perturbed_interrupt_point_is_caught_at_that_entry() {
 }
 
 #[test]
+fn tsc_msr_reads_exit_to_the_vmm_and_replay() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let image = ftvmm::testkit::rdmsr_tsc_guest();
+    let entries = record_in_memory(&image, "");
+    assert!(
+        entries
+            .iter()
+            .any(|e| matches!(e.kind, EntryKind::MsrRead { index: 0x10, .. })),
+        "RDMSR of IA32_TSC was not logged: {entries:?}"
+    );
+    replay_entries(&image, "", entries).unwrap();
+}
+
+#[test]
 fn a_guest_using_rdtsc_is_caught_by_divergence_detection() {
     if !kvm_or_skip() {
         return;
