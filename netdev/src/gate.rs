@@ -1,0 +1,237 @@
+//! The output gate: the output rule of VMware FT.
+//!
+//! Nothing the guest sends to the outside world (serial bytes, network
+//! frames) may leave the primary before the backup has acknowledged every
+//! log entry up to the one that was last at the moment the output was
+//! produced: otherwise a failover could show the world an output the new
+//! primary never produces. The guest is never stalled by this; outputs are
+//! tagged when produced and held here until the acknowledgement arrives.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// A tag: the log sequence number an output waits for (None: it depends on
+/// no logged input and may go at once).
+pub type Tag = Option<u64>;
+
+#[derive(Debug)]
+struct State<T> {
+    held: VecDeque<(Tag, Instant, T)>,
+    acked: Option<u64>,
+    open: bool,
+    released: u64,
+    max_held: usize,
+}
+
+/// Outputs held until their tag is acknowledged. Clone to share between the
+/// vCPU thread (which holds outputs) and the thread that releases them.
+#[derive(Debug)]
+pub struct OutputGate<T> {
+    inner: Arc<(Mutex<State<T>>, Condvar)>,
+}
+
+impl<T> Clone for OutputGate<T> {
+    fn clone(&self) -> Self {
+        OutputGate {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// An output that was released, with how long it was held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released<T> {
+    /// The output.
+    pub item: T,
+    /// Time between holding and release.
+    pub held_for: Duration,
+}
+
+impl<T> Default for OutputGate<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> OutputGate<T> {
+    /// A gate that holds outputs until acknowledged.
+    pub fn new() -> Self {
+        OutputGate {
+            inner: Arc::new((
+                Mutex::new(State {
+                    held: VecDeque::new(),
+                    acked: None,
+                    open: false,
+                    released: 0,
+                    max_held: 0,
+                }),
+                Condvar::new(),
+            )),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State<T>) -> R) -> R {
+        let (m, cv) = &*self.inner;
+        let mut s = match m.lock() {
+            Ok(g) => g,
+            // A panicking holder cannot leave the queue half-updated: every
+            // update below is a single push, pop or assignment.
+            Err(p) => p.into_inner(),
+        };
+        let r = f(&mut s);
+        cv.notify_all();
+        r
+    }
+
+    /// Hold `item`, produced when `tag` was the last log entry.
+    pub fn hold(&self, tag: Tag, item: T) {
+        self.with(|s| {
+            s.held.push_back((tag, Instant::now(), item));
+            s.max_held = s.max_held.max(s.held.len());
+        });
+    }
+
+    /// The backup has acknowledged every entry up to `seq`.
+    pub fn ack(&self, seq: u64) {
+        self.with(|s| s.acked = Some(s.acked.map_or(seq, |a| a.max(seq))));
+    }
+
+    /// Release everything from now on without waiting (no backup: the
+    /// primary runs alone after winning the arbiter, or never had one).
+    pub fn open(&self) {
+        self.with(|s| s.open = true);
+    }
+
+    /// Outputs whose tag is acknowledged, in the order they were held.
+    /// Outputs never overtake each other: a later one with an older tag
+    /// still waits behind an earlier held one.
+    pub fn take_released(&self) -> Vec<Released<T>> {
+        self.with(|s| {
+            let mut out = Vec::new();
+            while let Some((tag, _, _)) = s.held.front() {
+                let ok = s.open
+                    || match (tag, s.acked) {
+                        (None, _) => true,
+                        (Some(t), Some(a)) => *t <= a,
+                        (Some(_), None) => false,
+                    };
+                if !ok {
+                    break;
+                }
+                if let Some((_, at, item)) = s.held.pop_front() {
+                    out.push(Released {
+                        item,
+                        held_for: at.elapsed(),
+                    });
+                }
+            }
+            s.released += out.len() as u64;
+            out
+        })
+    }
+
+    /// Wait up to `timeout` for something to become releasable, then take it.
+    pub fn wait_released(&self, timeout: Duration) -> Vec<Released<T>> {
+        let ready = self.take_released();
+        if !ready.is_empty() {
+            return ready;
+        }
+        let (m, cv) = &*self.inner;
+        if let Ok(g) = m.lock() {
+            let _ = cv.wait_timeout(g, timeout);
+        }
+        self.take_released()
+    }
+
+    /// Outputs held right now.
+    pub fn held(&self) -> usize {
+        self.with(|s| s.held.len())
+    }
+
+    /// Drop everything held (a backup discards its own outputs; a primary
+    /// that lost the arbiter must not release what the backup never saw).
+    pub fn discard(&self) -> usize {
+        self.with(|s| {
+            let n = s.held.len();
+            s.held.clear();
+            n
+        })
+    }
+
+    /// (released so far, most ever held at once).
+    pub fn counters(&self) -> (u64, usize) {
+        self.with(|s| (s.released, s.max_held))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(r: Vec<Released<&'static str>>) -> Vec<&'static str> {
+        r.into_iter().map(|r| r.item).collect()
+    }
+
+    #[test]
+    fn untagged_output_goes_at_once_tagged_waits_for_its_ack() {
+        let g = OutputGate::new();
+        g.hold(None, "boot banner");
+        g.hold(Some(3), "after entry 3");
+        assert_eq!(items(g.take_released()), ["boot banner"]);
+        g.ack(2);
+        assert!(g.take_released().is_empty());
+        g.ack(3);
+        assert_eq!(items(g.take_released()), ["after entry 3"]);
+        assert_eq!(g.held(), 0);
+    }
+
+    #[test]
+    fn outputs_never_overtake_each_other() {
+        let g = OutputGate::new();
+        g.hold(Some(5), "a");
+        g.hold(None, "b");
+        g.hold(Some(4), "c");
+        g.ack(4);
+        assert!(
+            g.take_released().is_empty(),
+            "a still waits, so b and c wait"
+        );
+        g.ack(5);
+        assert_eq!(items(g.take_released()), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn acks_only_move_forward_and_open_releases_everything() {
+        let g = OutputGate::new();
+        g.ack(9);
+        g.ack(3);
+        g.hold(Some(9), "x");
+        assert_eq!(items(g.take_released()), ["x"]);
+        g.hold(Some(100), "y");
+        g.open();
+        assert_eq!(items(g.take_released()), ["y"]);
+    }
+
+    #[test]
+    fn discard_drops_what_the_backup_never_acknowledged() {
+        let g = OutputGate::new();
+        g.hold(Some(1), "x");
+        g.hold(Some(2), "y");
+        assert_eq!(g.discard(), 2);
+        g.ack(5);
+        assert!(g.take_released().is_empty());
+    }
+
+    #[test]
+    fn a_waiting_releaser_wakes_on_ack() {
+        let g = OutputGate::new();
+        g.hold(Some(7), "late");
+        let g2 = g.clone();
+        let t = std::thread::spawn(move || g2.wait_released(Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(20));
+        g.ack(7);
+        let got = t.join().unwrap();
+        assert_eq!(items(got), ["late"]);
+    }
+}
