@@ -206,3 +206,69 @@ fn loader_boots_plain_elf_pvh_elf_and_bzimage() {
         );
     }
 }
+
+/// Counts exits by kind through the observer's per-exit hook.
+#[derive(Default)]
+struct CountExits {
+    io: u64,
+    hlt: u64,
+}
+
+impl Observer for CountExits {
+    fn at_point(&mut self, m: &mut Machine) -> vmm::Result<Flow> {
+        Live.at_point(m)
+    }
+    fn on_exit(&mut self, _m: &mut Machine, kind: vmm::points::ExitKind) {
+        match kind {
+            vmm::points::ExitKind::Io => self.io += 1,
+            vmm::points::ExitKind::Hlt => self.hlt += 1,
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn every_exit_reaches_the_observer_typed() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let out = Capture::new();
+    let mut m = Machine::new(config("hz=100 ticks=20", &out), GUEST_ELF).unwrap();
+    let mut obs = CountExits::default();
+    assert_eq!(m.run(&mut obs).unwrap(), RunEnd::PowerOff(0));
+    // Every serial byte is at least two port accesses (LSR poll, THR write).
+    assert!(
+        obs.io >= 2 * out.bytes().len() as u64,
+        "{} I/O exits",
+        obs.io
+    );
+    assert!(
+        obs.hlt >= 10,
+        "the guest idles in HLT between ticks: {}",
+        obs.hlt
+    );
+}
+
+#[test]
+fn another_thread_stops_a_running_vm_cleanly() {
+    if !kvm_or_skip() {
+        return;
+    }
+    for mode in [
+        vmm::points::PointMode::AnyExit,
+        vmm::points::PointMode::Exits,
+    ] {
+        let out = Capture::new();
+        let mut cfg = config("hz=100", &out); // runs forever
+        cfg.points = mode;
+        let mut m = Machine::new(cfg, GUEST_ELF).unwrap();
+        let inputs = m.host_inputs();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            inputs.request_stop();
+        });
+        assert_eq!(m.run(&mut Live).unwrap(), RunEnd::Stopped, "{mode:?}");
+        stopper.join().unwrap();
+        assert!(out.text().starts_with("ftvmm-guest 0.1 booting"));
+    }
+}

@@ -67,6 +67,9 @@ pub trait Observer {
         Ok(())
     }
 
+    /// Every VM exit, typed, before it is emulated (statistics, tracing).
+    fn on_exit(&mut self, _m: &mut Machine, _kind: ExitKind) {}
+
     /// `vector` is about to be injected at the current point.
     fn on_inject(&mut self, _m: &mut Machine, _vector: u8) -> Result<()> {
         Ok(())
@@ -207,6 +210,7 @@ impl Machine {
             Exit::Kind(k) => *k,
             Exit::End(end) => return Ok(Some(*end)),
         };
+        obs.on_exit(self, kind);
         let mode = self.point_mode();
         if tracing::enabled!(tracing::Level::TRACE) {
             let rip = self.regs().map(|r| r.rip).unwrap_or(0);
