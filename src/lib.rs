@@ -3,8 +3,10 @@
 //! The binary's pieces live here so integration tests and benches can use
 //! them: the bundled guest image and the console plumbing.
 
+pub mod arbiter;
 pub mod console;
 pub mod guest;
+pub mod heartbeat;
 pub mod rr;
 pub mod status;
 pub mod testkit;

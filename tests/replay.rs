@@ -125,6 +125,38 @@ fn pmu_backend_absence_is_a_clear_error() {
     }
 }
 
+/// The pmu backend's landing loop, driven by a counter of single steps
+/// instead of hardware branches (this host has no PMU): the primary names
+/// points by count at any stop, host kicks included; the backup lands on
+/// each one through `PmuDrive`.
+#[test]
+fn pmu_landing_loop_replays_exactly_with_a_step_counter() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let cmd = "hz=500 ticks=300 work=30 digest_every=100";
+    let pmu_cfg = |out: &Capture, live: bool| {
+        let mut c = cfg(cmd, out, PointMode::Pmu, live);
+        c.pmu_counter = vmm::machine::PmuCounter::Steps;
+        c
+    };
+    let out = Capture::new();
+    let mut m = Machine::new(pmu_cfg(&out, true), GUEST_ELF).unwrap();
+    let mut rec = Recorder::new(MemorySink::default(), Some(Duration::from_millis(50)));
+    let end = m.run(&mut rec).unwrap();
+    rec.finish(&mut m, end).unwrap();
+    assert!(rec.stats().injections >= 300);
+    let recorded = finished(&mut m, end, &out);
+    let entries = rec.into_sink().entries;
+
+    let out = Capture::new();
+    let mut b = Machine::new(pmu_cfg(&out, false), GUEST_ELF).unwrap();
+    let mut rep = Replayer::new(MemorySource::new(entries));
+    let end = b.run(&mut rep).unwrap();
+    rep.finish(&mut b, end).unwrap();
+    assert_same(&recorded, &finished(&mut b, end, &out));
+}
+
 fn record_in_memory(image: &[u8], cmdline: &str) -> Vec<ftlog::LogEntry> {
     let out = Capture::new();
     let mut m = Machine::new(cfg(cmdline, &out, PointMode::Exits, true), image).unwrap();

@@ -9,6 +9,7 @@
 //! `docs/log-format.md`.
 
 pub mod blob;
+pub mod channel;
 pub mod codec;
 mod entry;
 mod error;
@@ -16,6 +17,10 @@ mod header;
 mod point;
 mod stream;
 
+pub use channel::{
+    Acks, BackupExpect, BackupListener, BackupReceiver, ChannelConfig, ChannelError, ChannelStats,
+    PrimarySender, Refusal,
+};
 pub use codec::{Frame, FramePos};
 pub use entry::{EndReason, EntryKind, LogEntry};
 pub use error::LogError;

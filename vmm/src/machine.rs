@@ -20,6 +20,7 @@ use crate::inputs::{HostInputs, Input};
 use crate::kick::{self, Kicker, Ticker};
 use crate::loader::{self, KernelKind};
 use crate::memory::{self, GuestRam};
+use crate::pmu::PmuDrive;
 use crate::points::{ExecPoint, PointMode};
 use crate::{Error, Result};
 
@@ -47,7 +48,23 @@ pub struct MachineConfig {
     /// Whether device timers fire from host time (false on a backup: its
     /// clocks are silent and every tick comes from the log).
     pub live_timers: bool,
+    /// What counts points in [`PointMode::Pmu`].
+    pub pmu_counter: PmuCounter,
 }
+
+/// What counts points in [`PointMode::Pmu`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PmuCounter {
+    /// The host's PMU: guest retired conditional branches.
+    Hardware,
+    /// Single steps ([`crate::pmu::StepCounter`]): exercises the landing
+    /// loop on hosts without a PMU.
+    Steps,
+}
+
+/// Landing margin in branches for the hardware counter: twice a generous
+/// skid plus slack (docs/pmu.md; skid is measured in tens of branches).
+const PMU_MARGIN: u64 = 2 * 128 + 16;
 
 impl MachineConfig {
     /// Defaults for a quick live run writing serial output to `out`.
@@ -60,6 +77,7 @@ impl MachineConfig {
             points: PointMode::AnyExit,
             serial_out: out,
             live_timers: true,
+            pmu_counter: PmuCounter::Hardware,
         }
     }
 }
@@ -106,6 +124,9 @@ pub struct Machine {
     mem_mib: u64,
     kernel_kind: Option<KernelKind>,
     entropy: Entropy,
+    pub(crate) pmu: Option<PmuDrive>,
+    pub(crate) pmu_step_once: bool,
+    stepping: bool,
 }
 
 fn open_kvm() -> Result<Kvm> {
@@ -181,7 +202,13 @@ impl Machine {
             mem_mib: cfg.mem_mib,
             kernel_kind: None,
             entropy: cfg.entropy,
+            pmu: None,
+            pmu_step_once: false,
+            stepping: false,
         };
+        if cfg.points == PointMode::Pmu {
+            m.pmu = Some(open_pmu(cfg.pmu_counter)?);
+        }
         m.set_point_mode(cfg.points)?;
         Ok(m)
     }
@@ -213,7 +240,32 @@ impl Machine {
 
     /// Change which exits are execution points (single-stepping on or off).
     pub fn set_point_mode(&mut self, mode: PointMode) -> Result<()> {
-        let control = if mode == PointMode::SingleStep {
+        if mode == PointMode::Pmu && self.pmu.is_none() {
+            return Err(Error::Backend(
+                "pmu: no counter was opened for this VM".into(),
+            ));
+        }
+        self.set_stepping(mode == PointMode::SingleStep)?;
+        self.points = mode;
+        Ok(())
+    }
+
+    /// Whether host kicks help: only where a host-caused stop can be a
+    /// point. A step counter would count the extra steps a kick causes
+    /// inside an interrupt handler (which runs with TF clear), so it gets
+    /// none, like the singlestep backend.
+    fn wants_kicks(&self) -> bool {
+        self.points.wants_kicks() && !self.pmu.as_ref().is_some_and(|d| d.counts_steps())
+    }
+
+    /// Whether the vCPU single-steps.
+    pub fn is_stepping(&self) -> bool {
+        self.stepping
+    }
+
+    /// Turn single-stepping on or off.
+    pub(crate) fn set_stepping(&mut self, on: bool) -> Result<()> {
+        let control = if on {
             KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
         } else {
             0
@@ -225,7 +277,7 @@ impl Machine {
         self.vcpu
             .set_guest_debug(&dbg)
             .map_err(Error::kvm("KVM_SET_GUEST_DEBUG"))?;
-        self.points = mode;
+        self.stepping = on;
         Ok(())
     }
 
@@ -266,8 +318,12 @@ impl Machine {
             return Ok(p);
         }
         let r = self.regs()?;
+        let count = match &mut self.pmu {
+            Some(d) => d.count().map_err(pmu_err)?,
+            None => self.ls.count,
+        };
         let p = ExecPoint {
-            count: self.ls.count,
+            count,
             rip: r.rip,
             rcx: r.rcx,
         };
@@ -366,10 +422,15 @@ impl Machine {
         Ok(Some(vector))
     }
 
-    /// Before KVM_RUN: hand the window request to KVM and arm the timer kick.
-    pub(crate) fn prepare_entry(&mut self) -> Result<()> {
+    /// Drop the cached registers and point (the vCPU moved).
+    pub(crate) fn forget_point(&mut self) {
         self.regs = None;
         self.ls.point = None;
+    }
+
+    /// Before KVM_RUN: hand the window request to KVM and arm the timer kick.
+    pub(crate) fn prepare_entry(&mut self) -> Result<()> {
+        self.forget_point();
         let window = u8::from(self.ls.request_window);
         self.vcpu.get_kvm_run().request_interrupt_window = window;
         if self.kicker.is_none() {
@@ -379,7 +440,14 @@ impl Machine {
         // for the next deterministic exit anyway, and a kick can make KVM drop
         // a requested interrupt-window exit (seen on kvm_pvm), which would
         // move the injection to another instruction than the backup's.
-        if self.live_timers && !self.clock.is_virtual() && self.points == PointMode::AnyExit {
+        if let Some(d) = &mut self.pmu {
+            let step =
+                d.before_entry().map_err(pmu_err)? || std::mem::take(&mut self.pmu_step_once);
+            if step != self.stepping {
+                self.set_stepping(step)?;
+            }
+        }
+        if self.live_timers && !self.clock.is_virtual() && self.wants_kicks() {
             if let (Some(t), Some(k)) = (&self.ticker, self.kicker) {
                 let d = self
                     .devices
@@ -407,7 +475,7 @@ impl Machine {
         kick::arm_current_thread(std::ptr::addr_of_mut!(run.immediate_exit));
         let k = Kicker::current();
         self.kicker = Some(k);
-        if self.points == PointMode::AnyExit {
+        if self.wants_kicks() {
             self.host.set_kicker(Some(k));
         }
         if self.ticker.is_none() {
@@ -447,6 +515,25 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         self.unbind_thread();
+    }
+}
+
+pub(crate) fn pmu_err(e: crate::pmu::PmuError) -> Error {
+    Error::Backend(format!("pmu: {e}"))
+}
+
+/// Open the counter for the `pmu` backend on the calling (vCPU) thread.
+fn open_pmu(kind: PmuCounter) -> Result<PmuDrive> {
+    match kind {
+        PmuCounter::Steps => PmuDrive::stepping().map_err(pmu_err),
+        PmuCounter::Hardware => {
+            let info = crate::pmu::probe().map_err(pmu_err)?;
+            let target = crate::pmu::SignalTarget::current_thread(kick::kick_signal());
+            let counter =
+                crate::pmu::PerfCounter::open(info.event, crate::pmu::Scope::GuestOnly, target)
+                    .map_err(pmu_err)?;
+            PmuDrive::hardware(Box::new(counter), PMU_MARGIN).map_err(pmu_err)
+        }
     }
 }
 

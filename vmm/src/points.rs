@@ -19,17 +19,26 @@ pub enum PointMode {
     /// Deterministic exits plus a single-step exit after every instruction
     /// (the `singlestep` backend).
     SingleStep,
+    /// Any stop, named by a guest branch counter (the `pmu` backend); the
+    /// backup lands on each logged point with [`crate::pmu::PmuDrive`].
+    Pmu,
 }
 
 impl PointMode {
     /// Whether an exit of this kind is an execution point in this mode.
     pub fn is_point(self, exit: ExitKind) -> bool {
-        self == PointMode::AnyExit || self.counts(exit)
+        matches!(self, PointMode::AnyExit | PointMode::Pmu) || self.counts(exit)
+    }
+
+    /// Whether host kicks are useful: only where a host-caused stop is a point.
+    pub fn wants_kicks(self) -> bool {
+        matches!(self, PointMode::AnyExit | PointMode::Pmu)
     }
 
     /// Whether an exit of this kind advances the point counter.
     pub fn counts(self, exit: ExitKind) -> bool {
         match exit {
+            _ if self == PointMode::Pmu => false,
             ExitKind::Interrupted => false,
             ExitKind::Debug => self == PointMode::SingleStep,
             _ => true,
@@ -46,11 +55,7 @@ impl PointMode {
             ftlog::ExecBackend::Singlestep => Ok(PointMode::SingleStep),
             ftlog::ExecBackend::Pmu => match crate::pmu::probe() {
                 Err(e) => Err(crate::Error::Backend(format!("pmu: {e}"))),
-                Ok(info) => Err(crate::Error::Backend(format!(
-                    "pmu: a PMU was found ({:?}), but landing on counted points is not wired into \
-                     the run loop yet; choose `--backend exits` or `--backend singlestep`",
-                    info.event
-                ))),
+                Ok(_) => Ok(PointMode::Pmu),
             },
         }
     }
@@ -60,6 +65,7 @@ impl PointMode {
         match self {
             PointMode::Exits => Some(ftlog::ExecBackend::Exits),
             PointMode::SingleStep => Some(ftlog::ExecBackend::Singlestep),
+            PointMode::Pmu => Some(ftlog::ExecBackend::Pmu),
             PointMode::AnyExit => None,
         }
     }

@@ -60,6 +60,8 @@ pub struct Replayer<S: LogSource> {
     stats: ReplayStats,
     /// The log's end marker was reached at the current point.
     at_end: bool,
+    /// Points count branches (the `pmu` backend).
+    by_branches: bool,
 }
 
 fn describe(e: &LogEntry) -> String {
@@ -77,6 +79,7 @@ impl<S: LogSource> Replayer<S> {
             source,
             stats: ReplayStats::default(),
             at_end: false,
+            by_branches: false,
         }
     }
 
@@ -94,7 +97,14 @@ impl<S: LogSource> Replayer<S> {
         if e.point == p {
             return Ok(Some(e.clone()));
         }
-        if e.point.count <= p.count {
+        // Branch counts stay put through branch-free code, so an equal count
+        // with another RIP may still lie ahead; exit counts never repeat.
+        let passed = if self.by_branches {
+            e.point.count < p.count
+        } else {
+            e.point.count <= p.count
+        };
+        if passed {
             return Err(diverged(format!(
                 "{} was not reached: the replay is at {p}",
                 describe(e)
@@ -162,6 +172,11 @@ fn hex(b: &[u8]) -> String {
 }
 
 impl<S: LogSource> Observer for Replayer<S> {
+    fn next_target(&mut self) -> Result<Option<ExecPoint>> {
+        self.by_branches = true;
+        Ok(self.source.peek()?.map(|e| e.point))
+    }
+
     fn at_point(&mut self, m: &mut Machine) -> Result<Flow> {
         let p = m.point()?;
         while let Some(e) = self.due(p)? {
@@ -180,6 +195,11 @@ impl<S: LogSource> Observer for Replayer<S> {
                 }
                 EntryKind::Digest { value } => self.check_digest(m, &e, value)?,
                 EntryKind::Inject { .. } => return Ok(Flow::Continue),
+                // A read is matched when the guest makes it (`on_read`); with
+                // branch counts the stop just before that access has its point.
+                kind if self.by_branches && kind.read_data().is_some() => {
+                    return Ok(Flow::Continue)
+                }
                 EntryKind::End { .. } => {
                     self.at_end = true;
                     return Ok(Flow::Pause);

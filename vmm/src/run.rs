@@ -67,6 +67,12 @@ pub trait Observer {
         Ok(())
     }
 
+    /// The next logged point this observer must land on (a replayer in the
+    /// `pmu` backend); None where every stop is a point.
+    fn next_target(&mut self) -> Result<Option<crate::points::ExecPoint>> {
+        Ok(None)
+    }
+
     /// Every VM exit, typed, before it is emulated (statistics, tracing).
     fn on_exit(&mut self, _m: &mut Machine, _kind: ExitKind) {}
 
@@ -196,7 +202,7 @@ impl Machine {
             io.size = self.io_elem_size();
         }
         if matches!(exit, Exit::Kind(ExitKind::Hlt))
-            && self.point_mode() == PointMode::SingleStep
+            && self.is_stepping()
             && !self.after_hlt_instruction()?
         {
             // kvm_pvm sometimes reports a single step over an emulated
@@ -225,11 +231,15 @@ impl Machine {
             self.ls.count += 1;
             self.clock.on_exit();
         }
-        if mode.is_point(kind) {
+        if mode.is_point(kind) && mode != PointMode::Pmu {
             self.ls.pending_point = true;
         }
         match exit {
-            Exit::Io(io) => return self.emulate_io(io, obs),
+            Exit::Io(io) => {
+                if let Some(end) = self.emulate_io(io, obs)? {
+                    return Ok(Some(end));
+                }
+            }
             Exit::Mmio(addr, write, data) => self.emulate_mmio(addr, write, data, obs)?,
             Exit::Msr(index, value) => self.emulate_msr(index, value, obs)?,
             Exit::Kind(ExitKind::Hlt) => self.ls.halted = true,
@@ -239,7 +249,53 @@ impl Machine {
         if mode == PointMode::AnyExit {
             self.ls.pending_point = true;
         }
+        if mode == PointMode::Pmu {
+            self.pmu_stop(kind, obs)?;
+        }
         Ok(None)
+    }
+
+    /// In the `pmu` backend: is this stop a point (the primary: always; the
+    /// backup: when it has landed on the next logged point)?
+    fn pmu_stop(&mut self, kind: ExitKind, obs: &mut dyn Observer) -> Result<()> {
+        if matches!(kind, ExitKind::Debug | ExitKind::Hlt) {
+            // A stepped HLT sometimes comes back as a step, sometimes as a
+            // HLT exit (kvm_pvm): either way one instruction retired.
+            if let Some(d) = &mut self.pmu {
+                d.on_step();
+            }
+        }
+        if matches!(kind, ExitKind::Io | ExitKind::Mmio | ExitKind::Msr) {
+            // "At this exit" and "before the next instruction" must be one
+            // point, as they are to a stepping backup: finish the
+            // instruction first (its read, if any, was logged above).
+            self.complete_pending_io()?;
+            self.note_exit_flags();
+            self.forget_point();
+        }
+        let target = obs.next_target()?;
+        if kind == ExitKind::Interrupted && target.is_none() {
+            // A host kick can stop the vCPU where single-stepping never does
+            // (right after IRET, inside an interrupt shadow), so a backup could
+            // not land there. Step one instruction and make that the point.
+            self.pmu_step_once = true;
+            return Ok(());
+        }
+        let now = self.point()?;
+        if let Some(d) = &mut self.pmu {
+            self.ls.pending_point = d
+                .at_stop(now, target)
+                .map_err(|e| Error::Divergence(format!("pmu landing: {e}")))?;
+        }
+        if !self.ls.pending_point && self.devices.pic.has_pending() {
+            // The primary processed this stop as a point: an interrupt it
+            // could not inject made it ask for the window again. Do the same,
+            // or a window exit seen here leaves the request cleared.
+            if !(self.ls.ready_for_injection && self.ls.if_flag) {
+                self.ls.request_window = true;
+            }
+        }
+        Ok(())
     }
 
     fn emulate_io(&mut self, mut io: IoExit, obs: &mut dyn Observer) -> Result<Option<RunEnd>> {

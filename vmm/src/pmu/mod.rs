@@ -42,6 +42,7 @@
 //! (landing, validation, attribute layout) and the probe's refusal run there.
 
 pub mod counter;
+pub mod drive;
 pub mod landing;
 pub mod probe;
 mod sys;
@@ -51,6 +52,7 @@ pub mod validate;
 mod sim;
 
 pub use counter::{BranchCounter, PerfCounter, Scope, SignalTarget};
+pub use drive::{PmuDrive, StepCounter};
 pub use landing::{Action, Lander, Landing, Position};
 pub use probe::{probe, BranchEvent, CpuVendor, PmuInfo};
 pub use validate::{calibration_loop, check_counter, check_skid};

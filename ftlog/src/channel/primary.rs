@@ -1,0 +1,723 @@
+//! The primary's end: connects, proves itself, streams entries, tracks acks.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::runtime::Runtime;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use super::wire::{
+    encode_preamble, nonce, prove, read_preamble, verify, FrameReader, FrameWriter, Msg, Prover,
+    Transcript,
+};
+use super::{count, lock, runtime, tick, Acks, ChannelConfig, ChannelError, Refusal};
+use crate::{EntryKind, ExecPoint, LogEntry, LogHeader};
+
+/// State shared by the caller's threads and the I/O tasks.
+struct Shared {
+    st: Mutex<State>,
+    /// Signalled whenever acks advance, entries are written, or the
+    /// channel fails or closes.
+    cv: Condvar,
+    /// Wakes the writer task.
+    wake: Notify,
+    acks_tx: watch::Sender<Acks>,
+}
+
+struct State {
+    /// Entries handed to `send` but not yet taken by the writer.
+    queue: Vec<LogEntry>,
+    /// The seq the next entry must have.
+    next_seq: u64,
+    /// The last entry's point count.
+    last_count: Option<u64>,
+    /// Entries written to the socket.
+    written: u64,
+    /// Bytes written to the socket after the handshake.
+    bytes: u64,
+    /// (last seq, write time) of each written batch not yet acked as
+    /// received, for the ack latency.
+    in_flight: VecDeque<(u64, Instant)>,
+    /// Write-to-ack time of the latest acked batch.
+    ack_latency: Option<Duration>,
+    acks: Acks,
+    /// When the received ack last advanced, or when entries became
+    /// outstanding with none before.
+    progress_at: Instant,
+    /// The channel's fatal error, once it has one.
+    error: Option<ChannelError>,
+    /// `close` was called.
+    closing: bool,
+    /// The backup answered our close.
+    closed: bool,
+}
+
+impl Shared {
+    /// Record the channel's first fatal error and wake everyone.
+    fn fail(&self, e: ChannelError) {
+        let mut st = lock(&self.st);
+        if st.error.is_none() && !st.closed {
+            tracing::warn!(error = %e, "logging channel to the backup failed");
+            st.error = Some(e);
+        }
+        drop(st);
+        self.cv.notify_all();
+        self.wake.notify_one();
+    }
+}
+
+/// What a status line shows about the channel (see [`PrimarySender::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Entries handed to `send`/`push` (= the next seq).
+    pub entries_queued: u64,
+    /// Entries written to the socket.
+    pub entries_written: u64,
+    /// Bytes written to the socket after the handshake (entries,
+    /// keepalives, the close).
+    pub bytes_written: u64,
+    /// The backup's acks.
+    pub acks: Acks,
+    /// Entries sent but not reported executed.
+    pub lag: u64,
+    /// Time from writing the latest acknowledged batch to receiving its
+    /// ack: one channel round trip plus the backup's read time.
+    pub ack_latency: Option<Duration>,
+}
+
+/// The primary's end of the logging channel.
+///
+/// All methods take `&self`, and the sender is `Send + Sync`: put it in an
+/// `Arc` to share it between the vCPU thread (which sends) and an output
+/// thread (which waits for acks). Dropping it without [`close`] cuts the
+/// connection, which the backup sees as the primary's death.
+///
+/// [`close`]: PrimarySender::close
+pub struct PrimarySender {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+    rt: Option<Runtime>,
+    window: u64,
+    lag_bound: u64,
+    peer_timeout: Duration,
+    peer: SocketAddr,
+}
+
+impl std::fmt::Debug for PrimarySender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrimarySender")
+            .field("peer", &self.peer)
+            .field("acks", &self.acks())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrimarySender {
+    /// Connect to the backup at `addr` ("host:port"), run the handshake
+    /// (the backend and image digest are `header`'s), and send `header`.
+    /// Blocks until the backup accepts or refuses; a refusal is
+    /// [`ChannelError::Refused`] naming the reason.
+    pub fn connect(
+        addr: &str,
+        config: &ChannelConfig,
+        header: &LogHeader,
+    ) -> Result<PrimarySender, ChannelError> {
+        config.validate()?;
+        let rt = runtime()?;
+        let hs = rt.block_on(async {
+            tokio::time::timeout(config.handshake_timeout, handshake(addr, config, header))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ChannelError::PeerTimeout {
+                        what: format!("handshake with the backup at {addr} not finished"),
+                        waited: config.handshake_timeout,
+                    })
+                })
+        })?;
+        let (rd, wr, fr, fw, peer) = hs;
+        let (acks_tx, _) = watch::channel(Acks::default());
+        let shared = Arc::new(Shared {
+            st: Mutex::new(State {
+                queue: Vec::new(),
+                next_seq: 0,
+                last_count: None,
+                written: 0,
+                bytes: 0,
+                in_flight: VecDeque::new(),
+                ack_latency: None,
+                acks: Acks::default(),
+                progress_at: Instant::now(),
+                error: None,
+                closing: false,
+                closed: false,
+            }),
+            cv: Condvar::new(),
+            wake: Notify::new(),
+            acks_tx,
+        });
+        let writer = {
+            let shared = shared.clone();
+            let keepalive = config.keepalive_interval;
+            rt.spawn(async move {
+                if let Err(e) = write_loop(&shared, wr, fw, keepalive).await {
+                    shared.fail(e);
+                }
+            })
+        };
+        let reader = {
+            let shared = shared.clone();
+            let timeout = config.peer_timeout;
+            rt.spawn(async move {
+                if let Err(e) = read_loop(&shared, rd, fr, timeout).await {
+                    shared.fail(e);
+                }
+            })
+        };
+        tracing::info!(%peer, "logging channel to the backup established");
+        Ok(PrimarySender {
+            shared,
+            tasks: vec![writer, reader],
+            rt: Some(rt),
+            window: config.window,
+            lag_bound: config.lag_bound,
+            peer_timeout: config.peer_timeout,
+            peer,
+        })
+    }
+
+    /// The backup's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Queue `entry` for sending. Its seq must be [`next_seq`] and its
+    /// point count no lower than the previous entry's
+    /// ([`ChannelError::BadEntry`] otherwise). Returns at once unless
+    /// `window` entries are unacknowledged: then it blocks until the backup
+    /// acknowledges more, or the channel fails.
+    ///
+    /// [`next_seq`]: PrimarySender::next_seq
+    pub fn send(&self, entry: LogEntry) -> Result<(), ChannelError> {
+        self.enqueue(|_| entry).map(|_| ())
+    }
+
+    /// Send an entry with the next seq; returns that seq. Blocks like
+    /// [`send`](PrimarySender::send).
+    pub fn push(&self, point: ExecPoint, kind: EntryKind) -> Result<u64, ChannelError> {
+        self.enqueue(|seq| LogEntry { seq, point, kind })
+    }
+
+    fn enqueue(&self, make: impl FnOnce(u64) -> LogEntry) -> Result<u64, ChannelError> {
+        let mut st = lock(&self.shared.st);
+        loop {
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            if st.closing {
+                return Err(ChannelError::Closed);
+            }
+            if st.next_seq.saturating_sub(count(st.acks.received)) < self.window {
+                break;
+            }
+            st = self
+                .shared
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        let entry = make(st.next_seq);
+        if entry.seq != st.next_seq {
+            return Err(ChannelError::BadEntry(format!(
+                "entry out of sequence: expected seq {}, found {}",
+                st.next_seq, entry.seq
+            )));
+        }
+        if let Some(prev) = st.last_count.filter(|c| entry.point.count < *c) {
+            return Err(ChannelError::BadEntry(format!(
+                "entry {} goes back in time: point count {} after {prev}",
+                entry.seq, entry.point.count
+            )));
+        }
+        let seq = entry.seq;
+        st.next_seq += 1;
+        st.last_count = Some(entry.point.count);
+        let was_empty = st.queue.is_empty();
+        st.queue.push(entry);
+        drop(st);
+        if was_empty {
+            self.shared.wake.notify_one();
+        }
+        Ok(seq)
+    }
+
+    /// The seq the next entry gets.
+    pub fn next_seq(&self) -> u64 {
+        lock(&self.shared.st).next_seq
+    }
+
+    /// Block until every entry sent so far is written to the socket (not
+    /// necessarily acknowledged).
+    pub fn flush(&self) -> Result<(), ChannelError> {
+        let mut st = lock(&self.shared.st);
+        loop {
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            if st.written >= st.next_seq {
+                return Ok(());
+            }
+            st = self
+                .shared
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// What the backup has acknowledged so far.
+    pub fn acks(&self) -> Acks {
+        lock(&self.shared.st).acks
+    }
+
+    /// Highest seq the backup acknowledged as received.
+    pub fn acked_received(&self) -> Option<u64> {
+        self.acks().received
+    }
+
+    /// Highest seq the backup reported executed.
+    pub fn acked_executed(&self) -> Option<u64> {
+        self.acks().executed
+    }
+
+    /// Whether entry `seq` is acknowledged as received (non-blocking; the
+    /// output rule's check).
+    pub fn is_received(&self, seq: u64) -> bool {
+        self.acks().has_received(seq)
+    }
+
+    /// Block until entry `seq` is acknowledged as received: Ok(true), or
+    /// Ok(false) after `timeout`. If the channel fails first, its error
+    /// (an entry acknowledged before the failure still returns Ok(true)).
+    pub fn wait_received(&self, seq: u64, timeout: Duration) -> Result<bool, ChannelError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.shared.st);
+        loop {
+            if st.acks.has_received(seq) {
+                return Ok(true);
+            }
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(false);
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Block until the acks differ from `seen`, or `timeout` passes;
+    /// returns the acks then (equal to `seen` on timeout). The channel's
+    /// error if it fails while waiting.
+    pub fn wait_acks_change(&self, seen: Acks, timeout: Duration) -> Result<Acks, ChannelError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.shared.st);
+        loop {
+            if st.acks != seen {
+                return Ok(st.acks);
+            }
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(st.acks);
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// A watch of the acks, for async code (an output task can `changed()`
+    /// on it). It stops changing when the channel fails: check
+    /// [`error`](PrimarySender::error) then.
+    pub fn subscribe(&self) -> watch::Receiver<Acks> {
+        self.shared.acks_tx.subscribe()
+    }
+
+    /// The channel's fatal error, if it has failed.
+    pub fn error(&self) -> Option<ChannelError> {
+        lock(&self.shared.st).error.clone()
+    }
+
+    /// Counters for a status line.
+    pub fn stats(&self) -> ChannelStats {
+        let st = lock(&self.shared.st);
+        ChannelStats {
+            entries_queued: st.next_seq,
+            entries_written: st.written,
+            bytes_written: st.bytes,
+            acks: st.acks,
+            lag: st.next_seq.saturating_sub(count(st.acks.executed)),
+            ack_latency: st.ack_latency,
+        }
+    }
+
+    /// Execution lag in entries: sent but not yet reported executed.
+    pub fn lag(&self) -> u64 {
+        let st = lock(&self.shared.st);
+        st.next_seq.saturating_sub(count(st.acks.executed))
+    }
+
+    /// The configured lag bound, in entries.
+    pub fn lag_bound(&self) -> u64 {
+        self.lag_bound
+    }
+
+    /// Block while the backup is more than the lag bound behind (more than
+    /// `lag_bound` entries sent but not executed). Call it from the vCPU
+    /// thread between guest runs. Returns the channel's error if it fails
+    /// while waiting.
+    pub fn throttle(&self) -> Result<(), ChannelError> {
+        let mut st = lock(&self.shared.st);
+        loop {
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            if st.next_seq.saturating_sub(count(st.acks.executed)) <= self.lag_bound {
+                return Ok(());
+            }
+            st = self
+                .shared
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Close cleanly: send what is queued, then a close message, and wait
+    /// (up to the peer timeout) for the backup to acknowledge everything
+    /// and answer the close. The backup's receiver then ends with Ok(None).
+    pub fn close(mut self) -> Result<Acks, ChannelError> {
+        lock(&self.shared.st).closing = true;
+        self.shared.wake.notify_one();
+        let deadline = Instant::now() + self.peer_timeout;
+        let mut st = lock(&self.shared.st);
+        let r = loop {
+            if st.closed {
+                break Ok(st.acks);
+            }
+            if let Some(e) = &st.error {
+                break Err(e.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(ChannelError::PeerTimeout {
+                    what: "the backup did not answer our close".into(),
+                    waited: self.peer_timeout,
+                });
+            }
+            st = self
+                .shared
+                .cv
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        };
+        drop(st);
+        self.shutdown();
+        r
+    }
+
+    fn shutdown(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for PrimarySender {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+type Handshaken = (
+    OwnedReadHalf,
+    OwnedWriteHalf,
+    FrameReader,
+    FrameWriter,
+    SocketAddr,
+);
+
+/// Connect and run the primary's side of the handshake, then send the
+/// header.
+async fn handshake(
+    addr: &str,
+    config: &ChannelConfig,
+    header: &LogHeader,
+) -> Result<Handshaken, ChannelError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ChannelError::Connect {
+            action: "connect to",
+            addr: addr.to_owned(),
+            source: Arc::new(e),
+        })?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| ChannelError::io("setting TCP_NODELAY", e))?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| ChannelError::io("reading the backup's address", e))?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut fw = FrameWriter::new();
+    let mut fr = FrameReader::new();
+    let version = config.protocol_version;
+
+    let primary_nonce = nonce()?;
+    encode_preamble(version, &mut fw.buf);
+    fw.push(&Msg::Hello {
+        backend: header.backend,
+        image_digest: header.image_digest,
+        nonce: primary_nonce,
+    })?;
+    fw.flush(&mut wr, "sending the hello").await?;
+
+    let theirs = read_preamble(&mut rd).await?;
+    if theirs != version {
+        return Err(ChannelError::Refused(Refusal::Version {
+            primary: version,
+            backup: theirs,
+        }));
+    }
+    let backup_nonce = match fr.next(&mut rd, "reading the challenge").await? {
+        Some(Msg::Challenge { nonce }) => nonce,
+        other => return Err(unexpected(other, "challenge")),
+    };
+    let t = Transcript {
+        version,
+        backend: header.backend,
+        image_digest: header.image_digest,
+        primary_nonce,
+        backup_nonce,
+    };
+    let mac = prove(&config.key, Prover::Primary, &t)?;
+    fw.send(&mut wr, &Msg::Auth { mac }, "sending our proof")
+        .await?;
+    match fr.next(&mut rd, "reading the backup's answer").await? {
+        Some(Msg::Welcome { mac }) => {
+            if !verify(&config.key, Prover::Backup, &t, &mac)? {
+                return Err(ChannelError::BackupAuth);
+            }
+        }
+        other => return Err(unexpected(other, "welcome")),
+    }
+    fw.send(&mut wr, &Msg::Header(header.clone()), "sending the header")
+        .await?;
+    Ok((rd, wr, fr, fw, peer))
+}
+
+/// The error for a handshake message that is not the `expected` one.
+fn unexpected(got: Option<Msg>, expected: &str) -> ChannelError {
+    match got {
+        Some(Msg::Refuse(r)) => ChannelError::Refused(r),
+        Some(Msg::Abort { reason }) => ChannelError::PeerAborted { reason },
+        Some(m) => ChannelError::Protocol(format!(
+            "expected a {expected} message from the backup, got {}",
+            m.name()
+        )),
+        None => ChannelError::PeerClosed {
+            detail: format!("the backup closed the connection instead of sending a {expected}"),
+        },
+    }
+}
+
+/// Sends queued entries as they come, keepalives when idle, the close.
+async fn write_loop(
+    shared: &Shared,
+    mut wr: OwnedWriteHalf,
+    mut fw: FrameWriter,
+    keepalive: Duration,
+) -> Result<(), ChannelError> {
+    let mut batch = Vec::new();
+    let abort = loop {
+        let closing = {
+            let mut st = lock(&shared.st);
+            if let Some(e) = &st.error {
+                break (!e.is_peer_death()).then(|| e.to_string());
+            }
+            std::mem::swap(&mut batch, &mut st.queue);
+            st.closing
+        };
+        if let Some(last) = batch.last().map(|e| e.seq) {
+            let n = batch.len() as u64;
+            for e in batch.drain(..) {
+                fw.push(&Msg::Entry(e))?;
+            }
+            let bytes = fw.buf.len() as u64;
+            fw.flush(&mut wr, "sending entries").await?;
+            {
+                let now = Instant::now();
+                let mut st = lock(&shared.st);
+                if st.written <= count(st.acks.received) {
+                    st.progress_at = now;
+                }
+                st.written += n;
+                st.bytes += bytes;
+                if !st.acks.has_received(last) {
+                    st.in_flight.push_back((last, now));
+                }
+            }
+            shared.cv.notify_all();
+            continue;
+        }
+        if closing {
+            fw.send(&mut wr, &Msg::Close, "sending the close").await?;
+            // The read loop finishes the close when the backup answers.
+            return Ok(());
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(keepalive) => {
+                fw.push(&Msg::Keepalive)?;
+                let bytes = fw.buf.len() as u64;
+                fw.flush(&mut wr, "sending a keepalive").await?;
+                lock(&shared.st).bytes += bytes;
+            }
+        }
+    };
+    if let Some(reason) = abort {
+        // Best effort: the channel is dead either way.
+        let _ = fw.send(&mut wr, &Msg::Abort { reason }, "aborting").await;
+    }
+    Ok(())
+}
+
+/// Reads acks; watches the backup's liveness.
+async fn read_loop(
+    shared: &Shared,
+    mut rd: OwnedReadHalf,
+    mut fr: FrameReader,
+    timeout: Duration,
+) -> Result<(), ChannelError> {
+    let mut last_rx = Instant::now();
+    loop {
+        while let Some(msg) = fr.next_buffered()? {
+            match msg {
+                Msg::Ack { received, executed } => on_ack(shared, received, executed)?,
+                Msg::Close => {
+                    let mut st = lock(&shared.st);
+                    if !st.closing {
+                        return Err(ChannelError::PeerClosed {
+                            detail: "the backup closed the channel".into(),
+                        });
+                    }
+                    st.closed = true;
+                    drop(st);
+                    shared.cv.notify_all();
+                    return Ok(());
+                }
+                Msg::Abort { reason } => return Err(ChannelError::PeerAborted { reason }),
+                Msg::Keepalive => {}
+                other => {
+                    return Err(ChannelError::Protocol(format!(
+                        "unexpected {} message from the backup after the handshake",
+                        other.name()
+                    )))
+                }
+            }
+        }
+        tokio::select! {
+            more = fr.read_more(&mut rd, "reading acks") => {
+                if !more? {
+                    return Err(ChannelError::PeerClosed {
+                        detail: "end of stream from the backup".into(),
+                    });
+                }
+                last_rx = Instant::now();
+            }
+            _ = tokio::time::sleep(tick(timeout)) => {}
+        }
+        if last_rx.elapsed() > timeout {
+            return Err(ChannelError::PeerTimeout {
+                what: "nothing received from the backup".into(),
+                waited: timeout,
+            });
+        }
+        let st = lock(&shared.st);
+        if st.error.is_some() {
+            return Ok(());
+        }
+        let outstanding = st.written.saturating_sub(count(st.acks.received));
+        if outstanding > 0 && st.progress_at.elapsed() > timeout {
+            return Err(ChannelError::PeerTimeout {
+                what: format!(
+                    "no acknowledgement from the backup with {outstanding} entries outstanding"
+                ),
+                waited: timeout,
+            });
+        }
+    }
+}
+
+fn on_ack(
+    shared: &Shared,
+    received: Option<u64>,
+    executed: Option<u64>,
+) -> Result<(), ChannelError> {
+    let mut st = lock(&shared.st);
+    if received < st.acks.received || executed < st.acks.executed {
+        return Err(ChannelError::Protocol(format!(
+            "acks went backwards: received {received:?} executed {executed:?} after {:?}",
+            st.acks
+        )));
+    }
+    if count(received) > st.next_seq || executed > received {
+        return Err(ChannelError::Protocol(format!(
+            "ack for entries never sent: received {received:?} executed {executed:?}, {} sent",
+            st.next_seq
+        )));
+    }
+    let new = super::Acks { received, executed };
+    if new == st.acks {
+        return Ok(());
+    }
+    if let Some(r) = received.filter(|_| received > st.acks.received) {
+        let now = Instant::now();
+        st.progress_at = now;
+        let mut newest = None;
+        while let Some(&(last, at)) = st.in_flight.front() {
+            if last > r {
+                break;
+            }
+            newest = Some(at);
+            st.in_flight.pop_front();
+        }
+        if let Some(at) = newest {
+            st.ack_latency = Some(now.saturating_duration_since(at));
+        }
+    }
+    st.acks = new;
+    drop(st);
+    shared.acks_tx.send_replace(new);
+    shared.cv.notify_all();
+    Ok(())
+}

@@ -1,0 +1,709 @@
+//! The logging channel over loopback TCP: handshake and refusals, streaming
+//! and acks, the window and the lag throttle, liveness, corruption.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use ftlog::{
+    Acks, BackupExpect, BackupListener, BackupReceiver, ChannelConfig, ChannelError, DigestKind,
+    EntryKind, ExecBackend, ExecPoint, LogEntry, LogError, LogHeader, PrimarySender, Refusal,
+};
+
+const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+const IMAGE: [u8; 32] = [0x11; 32];
+
+fn header(backend: ExecBackend, image: [u8; 32]) -> LogHeader {
+    LogHeader {
+        backend,
+        image_digest: image,
+        mem_mib: 64,
+        cmdline: "console=ttyS0".into(),
+        state_digest: DigestKind::Blake3RegsRam,
+        digest_interval_ms: Some(100),
+    }
+}
+
+fn config(key: &[u8]) -> ChannelConfig {
+    let mut c = ChannelConfig::new(key);
+    c.keepalive_interval = Duration::from_millis(50);
+    c.peer_timeout = Duration::from_secs(1);
+    c.handshake_timeout = Duration::from_secs(2);
+    c
+}
+
+fn expect() -> BackupExpect {
+    BackupExpect {
+        backend: ExecBackend::Exits,
+        image_digest: IMAGE,
+    }
+}
+
+fn entry(seq: u64) -> LogEntry {
+    LogEntry {
+        seq,
+        point: ExecPoint {
+            count: seq * 3,
+            rip: 0x1000 + seq,
+            rcx: 0,
+        },
+        kind: if seq % 2 == 0 {
+            EntryKind::IrqRaise { irq: 0 }
+        } else {
+            EntryKind::ClockRead {
+                port: 0x510,
+                data: seq.to_le_bytes().to_vec(),
+            }
+        },
+    }
+}
+
+/// A backup accepting one primary on a background thread.
+fn backup(
+    cfg: ChannelConfig,
+    exp: BackupExpect,
+) -> (
+    String,
+    thread::JoinHandle<Result<BackupReceiver, ChannelError>>,
+) {
+    let l = BackupListener::bind("127.0.0.1:0", &cfg, exp).unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = thread::spawn(move || l.accept_timeout(Duration::from_secs(3)));
+    (addr, h)
+}
+
+/// A connected pair, the primary optionally through `via` (a proxy in
+/// front of the backup, given the backup's address).
+fn pair(
+    cfg: &ChannelConfig,
+    via: Option<&dyn Fn(String) -> String>,
+) -> (PrimarySender, BackupReceiver) {
+    let (addr, b) = backup(cfg.clone(), expect());
+    let addr = match via {
+        Some(f) => f(addr),
+        None => addr,
+    };
+    let p = PrimarySender::connect(&addr, cfg, &header(ExecBackend::Exits, IMAGE)).unwrap();
+    let r = b.join().unwrap().unwrap();
+    (p, r)
+}
+
+/// What the proxy does to the primary → backup direction.
+#[derive(Default)]
+struct Ctl {
+    /// Hold data (primary → backup) while set.
+    paused: AtomicBool,
+    /// Drop everything, both ways, while set.
+    blackhole: AtomicBool,
+    /// Flip the last payload byte of this frame (0 is the hello).
+    corrupt_frame: Option<u64>,
+    /// Close the connection halfway through this frame.
+    cut_frame: Option<u64>,
+}
+
+/// A one-connection TCP proxy in front of `target`; returns its address.
+fn proxy(target: String, ctl: Arc<Ctl>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        let Ok((client, _)) = l.accept() else { return };
+        let Ok(server) = TcpStream::connect(&target) else {
+            return;
+        };
+        client.set_nodelay(true).unwrap();
+        server.set_nodelay(true).unwrap();
+        let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let ctl2 = ctl.clone();
+        thread::spawn(move || pump(s2, c2, &ctl2, false));
+        pump(client, server, &ctl, true);
+    });
+    addr
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, ctl: &Ctl, forward: bool) {
+    let mut seen: u64 = 0;
+    let mut stream = Vec::new(); // everything forwarded, to find frames
+    let mut next_frame = 12u64; // after the preamble
+    let mut frame = 0u64;
+    let mut flip_at = None;
+    let mut cut_at = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                if !ctl.blackhole.load(Ordering::SeqCst) {
+                    let _ = to.shutdown(Shutdown::Write);
+                }
+                return;
+            }
+            Ok(n) => n,
+        };
+        let chunk = &mut buf[..n];
+        while forward && ctl.paused.load(Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(2));
+        }
+        if ctl.blackhole.load(Ordering::SeqCst) {
+            continue;
+        }
+        if forward {
+            stream.extend_from_slice(chunk);
+            while stream.len() as u64 >= next_frame + 8 {
+                let h = next_frame as usize;
+                let len = u32::from_le_bytes(stream[h..h + 4].try_into().unwrap()) as u64;
+                if Some(frame) == ctl.corrupt_frame {
+                    flip_at = Some(next_frame + 8 + len - 1);
+                }
+                if Some(frame) == ctl.cut_frame {
+                    cut_at = Some(next_frame + 8 + len / 2);
+                }
+                next_frame += 8 + len;
+                frame += 1;
+            }
+            if let Some(at) = flip_at {
+                if (seen..seen + n as u64).contains(&at) {
+                    chunk[(at - seen) as usize] ^= 0x40;
+                    flip_at = None;
+                }
+            }
+            if let Some(at) = cut_at {
+                if at < seen + n as u64 {
+                    let _ = to.write_all(&chunk[..(at - seen) as usize]);
+                    let _ = to.shutdown(Shutdown::Both);
+                    let _ = from.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        }
+        seen += n as u64;
+        if to.write_all(chunk).is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs `f` on a thread; fails the test if it takes over `limit`.
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = thread::spawn(move || {
+        let r = f();
+        let _ = tx.send(());
+        r
+    });
+    if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+        panic!("test took over {limit:?}");
+    }
+    match h.join() {
+        Ok(r) => r,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+#[test]
+fn handshake_succeeds_and_a_clean_close_ends_the_stream() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let (p, r) = pair(&cfg, None);
+        assert_eq!(r.header(), &header(ExecBackend::Exits, IMAGE));
+        assert_eq!(p.next_seq(), 0);
+        assert_eq!(p.acks(), Acks::default());
+        let acks = p.close().unwrap();
+        assert_eq!(acks, Acks::default());
+        assert!(r.next().unwrap().is_none(), "clean close is Ok(None)");
+        assert!(r.is_closed());
+        assert!(r.next().unwrap().is_none(), "and stays so");
+    });
+}
+
+/// Connects a primary with `pcfg`/`phead` to a backup with `bcfg`/`exp`;
+/// returns both sides' errors.
+fn refused(
+    pcfg: ChannelConfig,
+    phead: LogHeader,
+    bcfg: ChannelConfig,
+    exp: BackupExpect,
+) -> (ChannelError, ChannelError) {
+    within(Duration::from_secs(5), move || {
+        let (addr, b) = backup(bcfg, exp);
+        let pe = PrimarySender::connect(&addr, &pcfg, &phead).unwrap_err();
+        let be = b.join().unwrap().unwrap_err();
+        (pe, be)
+    })
+}
+
+fn assert_refusal(pe: &ChannelError, be: &ChannelError, want: &Refusal, words: &[&str]) {
+    assert!(
+        matches!(pe, ChannelError::Refused(r) if r == want),
+        "primary: {pe:?}"
+    );
+    assert!(
+        matches!(be, ChannelError::Rejected(r) if r == want),
+        "backup: {be:?}"
+    );
+    for w in words {
+        assert!(pe.to_string().contains(w), "primary message {pe} lacks {w}");
+        assert!(be.to_string().contains(w), "backup message {be} lacks {w}");
+    }
+}
+
+#[test]
+fn wrong_key_is_refused_on_both_sides() {
+    let (pe, be) = refused(
+        config(b"not the key"),
+        header(ExecBackend::Exits, IMAGE),
+        config(KEY),
+        expect(),
+    );
+    assert_refusal(&pe, &be, &Refusal::WrongKey, &["wrong shared key"]);
+}
+
+#[test]
+fn other_protocol_version_is_refused_naming_both() {
+    let mut pcfg = config(KEY);
+    pcfg.protocol_version = 7;
+    let (pe, be) = refused(
+        pcfg,
+        header(ExecBackend::Exits, IMAGE),
+        config(KEY),
+        expect(),
+    );
+    assert_refusal(
+        &pe,
+        &be,
+        &Refusal::Version {
+            primary: 7,
+            backup: ftlog::channel::PROTOCOL_VERSION,
+        },
+        &["version 7", "version 1"],
+    );
+}
+
+#[test]
+fn other_backend_is_refused_naming_both() {
+    let (pe, be) = refused(
+        config(KEY),
+        header(ExecBackend::Pmu, IMAGE),
+        config(KEY),
+        expect(),
+    );
+    assert_refusal(
+        &pe,
+        &be,
+        &Refusal::Backend {
+            primary: ExecBackend::Pmu,
+            backup: ExecBackend::Exits,
+        },
+        &["backend", "pmu", "exits"],
+    );
+}
+
+#[test]
+fn other_guest_image_is_refused_naming_both() {
+    let (pe, be) = refused(
+        config(KEY),
+        header(ExecBackend::Exits, [0x22; 32]),
+        config(KEY),
+        expect(),
+    );
+    assert_refusal(
+        &pe,
+        &be,
+        &Refusal::Image {
+            primary: [0x22; 32],
+            backup: IMAGE,
+        },
+        &["guest image", "2222", "1111"],
+    );
+}
+
+#[test]
+fn a_listener_survives_a_refused_primary() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let l = BackupListener::bind("127.0.0.1:0", &cfg, expect()).unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let b = thread::spawn(move || {
+            let first = l.accept_timeout(Duration::from_secs(3));
+            let second = l.accept_timeout(Duration::from_secs(3));
+            (first.map(|_| ()), second)
+        });
+        let h = header(ExecBackend::Exits, IMAGE);
+        assert!(PrimarySender::connect(&addr, &config(b"stranger"), &h).is_err());
+        let p = PrimarySender::connect(&addr, &cfg, &h).unwrap();
+        let (first, second) = b.join().unwrap();
+        assert!(matches!(
+            first,
+            Err(ChannelError::Rejected(Refusal::WrongKey))
+        ));
+        let r = second.unwrap();
+        p.push(ExecPoint::default(), EntryKind::IrqRaise { irq: 1 })
+            .unwrap();
+        assert_eq!(r.next().unwrap().unwrap().seq, 0);
+    });
+}
+
+#[test]
+fn a_stranger_that_does_not_speak_the_protocol_is_refused() {
+    within(Duration::from_secs(5), || {
+        let (addr, b) = backup(config(KEY), expect());
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let e = b.join().unwrap().unwrap_err();
+        assert!(matches!(e, ChannelError::NotAChannel { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("not an ftvmm logging channel"),
+            "{e}"
+        );
+    });
+}
+
+#[test]
+fn ten_thousand_entries_stream_in_order_and_acks_reach_the_last() {
+    within(Duration::from_secs(5), || {
+        const N: u64 = 10_000;
+        let cfg = config(KEY);
+        let (p, r) = pair(&cfg, None);
+        let replay = thread::spawn(move || {
+            let mut n = 0;
+            while let Some(e) = r.next().unwrap() {
+                assert_eq!(e, entry(n));
+                if e.seq % 100 == 99 {
+                    r.report_executed(e.seq).unwrap();
+                }
+                n += 1;
+            }
+            n
+        });
+        for seq in 0..N {
+            p.send(entry(seq)).unwrap();
+        }
+        p.flush().unwrap();
+        assert!(p.wait_received(N - 1, Duration::from_secs(3)).unwrap());
+        assert_eq!(p.acked_received(), Some(N - 1));
+        let mut acks = p.acks();
+        while acks.executed != Some(N - 1) {
+            acks = p.wait_acks_change(acks, Duration::from_secs(3)).unwrap();
+        }
+        assert_eq!(p.lag(), 0);
+        let stats = p.stats();
+        assert_eq!(stats.entries_queued, N);
+        assert_eq!(stats.entries_written, N);
+        assert!(stats.bytes_written > N * 9, "{stats:?}");
+        assert_eq!(stats.acks.received, Some(N - 1));
+        assert!(stats
+            .ack_latency
+            .is_some_and(|l| l < Duration::from_secs(1)));
+        let fin = p.close().unwrap();
+        assert_eq!(fin.received, Some(N - 1));
+        assert_eq!(replay.join().unwrap(), N);
+    });
+}
+
+#[test]
+fn a_full_window_stalls_the_sender_until_the_backup_acks() {
+    within(Duration::from_secs(5), || {
+        let mut cfg = config(KEY);
+        cfg.window = 16;
+        let ctl = Arc::new(Ctl::default());
+        let c = ctl.clone();
+        let (p, r) = pair(&cfg, Some(&move |a| proxy(a, c.clone())));
+        ctl.paused.store(true, Ordering::SeqCst); // the backup reads nothing
+        let p = Arc::new(p);
+        let sent = Arc::new(AtomicU64::new(0));
+        let vcpu = {
+            let (p, sent) = (p.clone(), sent.clone());
+            thread::spawn(move || {
+                for seq in 0..100 {
+                    p.send(entry(seq)).unwrap();
+                    sent.store(seq + 1, Ordering::SeqCst);
+                }
+            })
+        };
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(sent.load(Ordering::SeqCst), 16, "stalled at the window");
+        assert_eq!(p.acked_received(), None);
+        assert!(!vcpu.is_finished());
+        ctl.paused.store(false, Ordering::SeqCst);
+        vcpu.join().unwrap();
+        assert!(p.wait_received(99, Duration::from_secs(2)).unwrap());
+        for seq in 0..100 {
+            assert_eq!(r.next().unwrap().unwrap().seq, seq);
+        }
+    });
+}
+
+#[test]
+fn wait_for_ack_returns_only_once_the_backup_received_the_entry() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let ctl = Arc::new(Ctl::default());
+        let c = ctl.clone();
+        let (p, r) = pair(&cfg, Some(&move |a| proxy(a, c.clone())));
+        ctl.paused.store(true, Ordering::SeqCst);
+        let seq = p
+            .push(
+                ExecPoint::default(),
+                EntryKind::SerialInput { bytes: b"x".into() },
+            )
+            .unwrap();
+        assert!(!p.is_received(seq));
+        assert!(!p.wait_received(seq, Duration::from_millis(200)).unwrap());
+        assert_eq!(r.received(), None, "the backup has not got it");
+        let p = Arc::new(p);
+        let waiter = {
+            let p = p.clone();
+            thread::spawn(move || {
+                let ok = p.wait_received(seq, Duration::from_secs(3)).unwrap();
+                (ok, Instant::now())
+            })
+        };
+        thread::sleep(Duration::from_millis(100));
+        assert!(
+            !waiter.is_finished(),
+            "no ack while the proxy holds the entry"
+        );
+        ctl.paused.store(false, Ordering::SeqCst);
+        let (ok, _) = waiter.join().unwrap();
+        assert!(ok);
+        assert_eq!(r.received(), Some(seq), "acked only after receipt");
+        assert!(p.is_received(seq));
+        // The output thread's watch saw the advance too.
+        let w = p.subscribe();
+        assert!(w.borrow().has_received(seq));
+    });
+}
+
+#[test]
+fn executed_reports_reach_the_primary_and_drive_the_throttle() {
+    within(Duration::from_secs(5), || {
+        let mut cfg = config(KEY);
+        cfg.lag_bound = 10;
+        let (p, r) = pair(&cfg, None);
+        for seq in 0..20 {
+            p.send(entry(seq)).unwrap();
+        }
+        assert!(p.wait_received(19, Duration::from_secs(2)).unwrap());
+        assert_eq!(p.lag(), 20);
+        assert_eq!(p.acked_executed(), None);
+        let p = Arc::new(p);
+        let throttled = {
+            let p = p.clone();
+            thread::spawn(move || p.throttle())
+        };
+        thread::sleep(Duration::from_millis(200));
+        assert!(!throttled.is_finished(), "20 behind with a bound of 10");
+        for _ in 0..16 {
+            r.next().unwrap().unwrap();
+        }
+        r.report_executed(8).unwrap();
+        let mut acks = p.acks();
+        while acks.executed != Some(8) {
+            acks = p.wait_acks_change(acks, Duration::from_secs(2)).unwrap();
+        }
+        assert_eq!(p.lag(), 11);
+        thread::sleep(Duration::from_millis(50));
+        assert!(!throttled.is_finished(), "11 behind with a bound of 10");
+        r.report_executed(15).unwrap();
+        throttled.join().unwrap().unwrap();
+        let mut acks = p.acks();
+        while acks.executed != Some(15) {
+            acks = p.wait_acks_change(acks, Duration::from_secs(2)).unwrap();
+        }
+        assert_eq!(p.lag(), 4);
+        assert!(matches!(
+            r.report_executed(20),
+            Err(ChannelError::BadEntry(_))
+        ));
+    });
+}
+
+#[test]
+fn the_backup_sees_a_dropped_primary_as_peer_closed_after_its_entries() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let (p, r) = pair(&cfg, None);
+        for seq in 0..50 {
+            p.send(entry(seq)).unwrap();
+        }
+        assert!(p.wait_received(49, Duration::from_secs(2)).unwrap());
+        drop(p); // the primary dies mid-stream, no close
+        for seq in 0..50 {
+            assert_eq!(
+                r.next().unwrap().unwrap().seq,
+                seq,
+                "received entries first"
+            );
+        }
+        let e = r.next().unwrap_err();
+        assert!(matches!(e, ChannelError::PeerClosed { .. }), "{e:?}");
+        assert!(e.is_peer_death());
+    });
+}
+
+#[test]
+fn a_silent_link_times_out_on_both_sides() {
+    within(Duration::from_secs(5), || {
+        let mut cfg = config(KEY);
+        cfg.peer_timeout = Duration::from_millis(500);
+        let ctl = Arc::new(Ctl::default());
+        let c = ctl.clone();
+        let (p, r) = pair(&cfg, Some(&move |a| proxy(a, c.clone())));
+        p.send(entry(0)).unwrap();
+        assert!(p.wait_received(0, Duration::from_secs(2)).unwrap());
+        ctl.blackhole.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        p.send(entry(1)).unwrap();
+        assert_eq!(r.next().unwrap().unwrap().seq, 0);
+        let be = r.next().unwrap_err();
+        assert!(matches!(be, ChannelError::PeerTimeout { .. }), "{be:?}");
+        assert!(be.to_string().contains("timed out"), "{be}");
+        let pe = p.wait_received(1, Duration::from_secs(3)).unwrap_err();
+        assert!(matches!(pe, ChannelError::PeerTimeout { .. }), "{pe:?}");
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        // A dead channel refuses further entries with the same error.
+        assert!(matches!(
+            p.send(entry(2)),
+            Err(ChannelError::PeerTimeout { .. })
+        ));
+    });
+}
+
+#[test]
+fn an_idle_channel_stays_up_on_keepalives() {
+    within(Duration::from_secs(5), || {
+        let mut cfg = config(KEY);
+        cfg.peer_timeout = Duration::from_millis(300);
+        let (p, r) = pair(&cfg, None);
+        thread::sleep(Duration::from_millis(1000));
+        assert!(p.error().is_none(), "{:?}", p.error());
+        assert!(r.error().is_none(), "{:?}", r.error());
+        p.send(entry(0)).unwrap();
+        assert_eq!(r.next().unwrap().unwrap(), entry(0));
+    });
+}
+
+#[test]
+fn the_primary_sees_a_dropped_backup_as_peer_closed() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let (p, r) = pair(&cfg, None);
+        p.send(entry(0)).unwrap();
+        assert!(p.wait_received(0, Duration::from_secs(2)).unwrap());
+        drop(r);
+        let e = p.wait_received(1, Duration::from_secs(3)).unwrap_err();
+        assert!(matches!(e, ChannelError::PeerClosed { .. }), "{e:?}");
+        assert!(e.is_peer_death());
+        assert!(
+            p.wait_received(0, Duration::ZERO).unwrap(),
+            "old acks stand"
+        );
+    });
+}
+
+#[test]
+fn a_corrupted_byte_in_the_stream_is_a_checksum_error() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let ctl = Arc::new(Ctl {
+            corrupt_frame: Some(503), // entry 500: hello, auth, header, entries
+            ..Ctl::default()
+        });
+        let c = ctl.clone();
+        let (p, r) = pair(&cfg, Some(&move |a| proxy(a, c.clone())));
+        for seq in 0..1000 {
+            p.send(entry(seq)).unwrap();
+        }
+        let mut got = 0;
+        let e = loop {
+            match r.next() {
+                Ok(Some(e)) => {
+                    assert_eq!(e.seq, got);
+                    got += 1;
+                }
+                Ok(None) => panic!("clean end after {got} entries"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got, 500, "every entry before the damaged one arrives");
+        assert!(
+            matches!(e.log_error(), Some(LogError::Checksum { at, .. }) if at.index == 503),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("checksum mismatch in frame 503"),
+            "{e}"
+        );
+        // The backup tells the primary why it gave up.
+        let pe = p.wait_received(999, Duration::from_secs(3)).unwrap_err();
+        assert!(
+            matches!(&pe, ChannelError::PeerAborted { reason } if reason.contains("checksum")),
+            "{pe:?}"
+        );
+    });
+}
+
+#[test]
+fn a_stream_cut_inside_a_frame_is_a_truncation_error() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let ctl = Arc::new(Ctl {
+            cut_frame: Some(13), // entry 10
+            ..Ctl::default()
+        });
+        let c = ctl.clone();
+        let (p, r) = pair(&cfg, Some(&move |a| proxy(a, c.clone())));
+        for seq in 0..20 {
+            p.send(entry(seq)).unwrap();
+        }
+        for seq in 0..10 {
+            assert_eq!(r.next().unwrap().unwrap().seq, seq);
+        }
+        let e = r.next().unwrap_err();
+        assert!(
+            matches!(e.log_error(), Some(LogError::Truncated { at, .. }) if at.index == 13),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("truncated in frame 13"), "{e}");
+    });
+}
+
+#[test]
+fn entries_out_of_order_are_refused_before_sending() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let (p, r) = pair(&cfg, None);
+        let e = p.send(entry(1)).unwrap_err();
+        assert!(matches!(e, ChannelError::BadEntry(_)), "{e:?}");
+        assert!(e.to_string().contains("expected seq 0, found 1"), "{e}");
+        p.send(entry(0)).unwrap();
+        let mut back = entry(1);
+        back.point.count = 0;
+        p.send(entry(1)).unwrap();
+        back.seq = 2;
+        let e = p.send(back).unwrap_err();
+        assert!(e.to_string().contains("goes back in time"), "{e}");
+        assert_eq!(p.next_seq(), 2);
+        assert_eq!(r.next().unwrap().unwrap(), entry(0));
+        assert_eq!(r.next().unwrap().unwrap(), entry(1));
+    });
+}
+
+#[test]
+fn bad_configurations_are_rejected_up_front() {
+    let mut c = config(b"");
+    assert!(matches!(c.validate(), Err(ChannelError::Config(_))));
+    c = config(KEY);
+    c.window = 0;
+    assert!(c.validate().is_err());
+    c = config(KEY);
+    c.keepalive_interval = c.peer_timeout;
+    let e = c.validate().unwrap_err();
+    assert!(e.to_string().contains("keepalive"), "{e}");
+    assert!(!format!("{c:?}").contains("0123"), "the key is not printed");
+}
