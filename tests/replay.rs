@@ -229,11 +229,23 @@ fn perturbed_interrupt_point_is_caught_at_that_entry() {
         .unwrap();
     entries[k].point.count += 1;
     let seq = entries[k].seq;
+    let moved_to = entries[k].point;
     let err = replay_entries(GUEST_ELF, cmd, entries)
         .unwrap_err()
         .to_string();
     assert!(err.starts_with("replay diverged"), "{err}");
-    assert!(err.contains(&format!("entry #{seq} (irq")), "{err}");
+    // Either that entry is never reached, or (in the guest's idle loop,
+    // where consecutive exits share a RIP) the injections around it no
+    // longer line up with the log: then the report is at the moved point or
+    // the exit before it.
+    let named = err.contains(&format!("entry #{seq} (irq"));
+    let injected_at: Option<u64> = err
+        .split("injected vector 0x20 at count=")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok());
+    let near = injected_at.is_some_and(|c| c + 1 >= moved_to.count && c <= moved_to.count);
+    assert!(named || near, "moved entry #{seq} to {moved_to}: {err}");
 }
 
 #[test]
@@ -274,12 +286,27 @@ fn corrupt_truncated_and_foreign_logs_are_refused_with_clear_errors() {
         format!("{:#}", r.expect_err("replay must fail"))
     };
 
+    // A flipped payload byte (the last byte is payload of the last frame).
+    let mut corrupt = log.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x40;
+    let err = replay(&corrupt, GUEST_ELF);
+    assert!(err.contains("checksum mismatch"), "{err}");
+
+    // A flipped byte anywhere else: a checksum, length or decode error.
     let mut corrupt = log.clone();
     let mid = corrupt.len() / 2;
     corrupt[mid] ^= 0x40;
     let err = replay(&corrupt, GUEST_ELF);
     assert!(
-        err.contains("checksum mismatch") || err.contains("undecodable"),
+        [
+            "checksum mismatch",
+            "undecodable",
+            "truncated",
+            "frame limit"
+        ]
+        .iter()
+        .any(|w| err.contains(w)),
         "{err}"
     );
 

@@ -101,6 +101,8 @@ pub struct LoopState {
     /// The point where the vCPU stopped (filled at the exit, before any
     /// pending I/O completes, so it names the same instant everywhere).
     pub point: Option<ExecPoint>,
+    /// RIP at the previous exit while single-stepping (to recognise HLT).
+    pub last_step_rip: Option<u64>,
 }
 
 /// A VM: KVM handles, memory, devices, clock and loop state.
@@ -397,8 +399,18 @@ impl Machine {
             self.ls.request_window = false;
             return Ok(None);
         }
-        if !(self.ls.ready_for_injection && self.ls.if_flag) {
-            self.ls.request_window = true;
+        // Interrupt-window exits are not reliable on every host (kvm_pvm drops
+        // some when the vCPU thread is preempted), so where a replay depends
+        // on them the VMM never asks for one: it injects at the first point
+        // where the guest can take the interrupt, judged from the vCPU state.
+        let replayed = self.points != PointMode::AnyExit;
+        let ready = if replayed {
+            self.can_take_interrupt()?
+        } else {
+            self.ls.ready_for_injection && self.ls.if_flag
+        };
+        if !ready {
+            self.ls.request_window = !replayed;
             return Ok(None);
         }
         let Some(vector) = self.devices.pic.acknowledge() else {
@@ -420,6 +432,22 @@ impl Machine {
         self.ls.request_window = false;
         self.ls.halted = false;
         Ok(Some(vector))
+    }
+
+    /// IF set, no interrupt shadow, and no event already being injected.
+    fn can_take_interrupt(&mut self) -> Result<bool> {
+        const RFLAGS_IF: u64 = 1 << 9;
+        if self.regs()?.rflags & RFLAGS_IF == 0 {
+            return Ok(false);
+        }
+        let ev = self
+            .vcpu
+            .get_vcpu_events()
+            .map_err(Error::kvm("KVM_GET_VCPU_EVENTS"))?;
+        Ok(ev.interrupt.shadow == 0
+            && ev.interrupt.injected == 0
+            && ev.exception.injected == 0
+            && ev.nmi.injected == 0)
     }
 
     /// Drop the cached registers and point (the vCPU moved).

@@ -201,13 +201,18 @@ impl Machine {
         if let Exit::Io(io) = &mut exit {
             io.size = self.io_elem_size();
         }
-        if matches!(exit, Exit::Kind(ExitKind::Hlt))
-            && self.is_stepping()
-            && !self.after_hlt_instruction()?
-        {
-            // kvm_pvm sometimes reports a single step over an emulated
-            // instruction (fxsave64 at CPL0) as a HLT exit; it is a step.
-            exit = Exit::Kind(ExitKind::Debug);
+        if self.is_stepping() {
+            if let Exit::Kind(k @ (ExitKind::Hlt | ExitKind::Debug)) = &mut exit {
+                // A stepped HLT comes back as a HLT exit or as a plain step,
+                // and a step over some emulated CPL0 instructions (fxsave64)
+                // as a HLT exit (kvm_pvm). Decide from the instruction itself.
+                *k = if self.stepped_over_hlt()? {
+                    ExitKind::Hlt
+                } else {
+                    ExitKind::Debug
+                };
+            }
+            self.ls.last_step_rip = Some(self.regs()?.rip);
         }
         let kind = match &exit {
             Exit::Io(_) => ExitKind::Io,
@@ -286,14 +291,6 @@ impl Machine {
             self.ls.pending_point = d
                 .at_stop(now, target)
                 .map_err(|e| Error::Divergence(format!("pmu landing: {e}")))?;
-        }
-        if !self.ls.pending_point && self.devices.pic.has_pending() {
-            // The primary processed this stop as a point: an interrupt it
-            // could not inject made it ask for the window again. Do the same,
-            // or a window exit seen here leaves the request cleared.
-            if !(self.ls.ready_for_injection && self.ls.if_flag) {
-                self.ls.request_window = true;
-            }
         }
         Ok(())
     }
@@ -382,20 +379,27 @@ impl Machine {
         Ok(())
     }
 
-    /// Whether the instruction just before RIP is a HLT (0xf4).
-    fn after_hlt_instruction(&mut self) -> Result<bool> {
+    /// Whether the instruction the last step executed was a HLT: it sat at
+    /// the previous stop's RIP, was one byte long, and that byte is 0xf4.
+    fn stepped_over_hlt(&mut self) -> Result<bool> {
         let rip = self.regs()?.rip;
+        let Some(prev) = self.ls.last_step_rip else {
+            return Ok(false);
+        };
+        if prev.wrapping_add(1) != rip {
+            return Ok(false);
+        }
         let t = self
             .vcpu
-            .translate_gva(rip.wrapping_sub(1))
+            .translate_gva(prev)
             .map_err(Error::kvm("KVM_TRANSLATE"))?;
         if t.valid == 0 {
-            return Ok(true);
+            return Ok(false);
         }
         let byte: u8 = self
             .memory()
             .read_obj(vm_memory::GuestAddress(t.physical_address))
-            .unwrap_or(0xf4);
+            .unwrap_or(0);
         Ok(byte == 0xf4)
     }
 
