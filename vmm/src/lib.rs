@@ -10,6 +10,7 @@ pub mod digest;
 mod error;
 pub mod inputs;
 pub mod kick;
+pub mod link;
 pub mod loader;
 pub mod machine;
 pub mod memory;
