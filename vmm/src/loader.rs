@@ -216,3 +216,54 @@ fn write_pvh_info(mem: &GuestRam, cmdline: &Cmdline) -> Result<()> {
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP));
     PvhBootConfigurator::write_bootparams(&params, mem).map_err(kernel_err)
 }
+
+/// Where [`minimal_elf`] loads its code.
+pub const MINIMAL_ELF_LOAD: u64 = 0x10_0000;
+const EHDR: usize = 64;
+const PHDR: usize = 56;
+
+/// A minimal 64-bit ELF with one loadable segment at 1 MiB holding `code`,
+/// entered at its first byte, plus a PT_NOTE segment holding `note` (already
+/// encoded) if given. For tiny test and calibration kernels.
+pub fn minimal_elf(code: &[u8], note: Option<&[u8]>) -> Vec<u8> {
+    let phnum = if note.is_some() { 2 } else { 1 };
+    let off = (EHDR + PHDR * phnum) as u64;
+    let total = off + code.len() as u64;
+    let mut f = Vec::with_capacity(total as usize);
+    f.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    f.extend_from_slice(&[0; 8]);
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&(MINIMAL_ELF_LOAD + off).to_le_bytes()); // entry
+    f.extend_from_slice(&(EHDR as u64).to_le_bytes()); // phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // shoff
+    f.extend_from_slice(&0u32.to_le_bytes());
+    f.extend_from_slice(&(EHDR as u16).to_le_bytes());
+    f.extend_from_slice(&(PHDR as u16).to_le_bytes());
+    f.extend_from_slice(&(phnum as u16).to_le_bytes());
+    f.extend_from_slice(&[0; 6]); // shentsize, shnum, shstrndx
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    f.extend_from_slice(&0u64.to_le_bytes()); // offset
+    f.extend_from_slice(&MINIMAL_ELF_LOAD.to_le_bytes()); // vaddr
+    f.extend_from_slice(&MINIMAL_ELF_LOAD.to_le_bytes()); // paddr
+    f.extend_from_slice(&total.to_le_bytes()); // filesz
+    f.extend_from_slice(&total.to_le_bytes()); // memsz
+    f.extend_from_slice(&0x1000u64.to_le_bytes()); // align
+    if let Some(n) = note {
+        f.extend_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+        f.extend_from_slice(&4u32.to_le_bytes());
+        f.extend_from_slice(&total.to_le_bytes()); // the note follows the code
+        f.extend_from_slice(&0u64.to_le_bytes());
+        f.extend_from_slice(&0u64.to_le_bytes());
+        f.extend_from_slice(&(n.len() as u64).to_le_bytes());
+        f.extend_from_slice(&(n.len() as u64).to_le_bytes());
+        f.extend_from_slice(&4u64.to_le_bytes());
+    }
+    f.extend_from_slice(code);
+    if let Some(n) = note {
+        f.extend_from_slice(n);
+    }
+    f
+}

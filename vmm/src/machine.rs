@@ -557,12 +557,31 @@ fn open_pmu(kind: PmuCounter) -> Result<PmuDrive> {
         PmuCounter::Hardware => {
             let info = crate::pmu::probe().map_err(pmu_err)?;
             let target = crate::pmu::SignalTarget::current_thread(kick::kick_signal());
-            let counter =
+            let mut counter =
                 crate::pmu::PerfCounter::open(info.event, crate::pmu::Scope::GuestOnly, target)
                     .map_err(pmu_err)?;
+            calibrate(&mut counter)?;
             PmuDrive::hardware(Box::new(counter), PMU_MARGIN).map_err(pmu_err)
         }
     }
+}
+
+/// Trust no PMU blindly: count a guest loop with a known number of
+/// conditional branches several times; any other count refuses the backend.
+fn calibrate(counter: &mut dyn crate::pmu::BranchCounter) -> Result<()> {
+    use crate::pmu::validate::{CALIBRATION_BRANCHES, CALIBRATION_RUNS};
+    let code = crate::pmu::calibration_loop(CALIBRATION_BRANCHES).map_err(pmu_err)?;
+    let image = loader::minimal_elf(&code, None);
+    let mut measured = Vec::with_capacity(CALIBRATION_RUNS);
+    for _ in 0..CALIBRATION_RUNS {
+        let cfg = MachineConfig::new(memory::MIN_MEM_MIB, "", Box::new(std::io::sink()));
+        let mut m = Machine::new(cfg, &image)?;
+        let before = counter.read().map_err(pmu_err)?;
+        // The loop ends in HLT with interrupts off.
+        m.run(&mut crate::run::Live)?;
+        measured.push(counter.read().map_err(pmu_err)?.saturating_sub(before));
+    }
+    crate::pmu::check_counter(u64::from(CALIBRATION_BRANCHES), &measured).map_err(pmu_err)
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestRam) -> Result<()> {
