@@ -7,6 +7,7 @@ pub mod arbiter;
 pub mod console;
 pub mod guest;
 pub mod heartbeat;
+pub mod roles;
 pub mod rr;
 pub mod status;
 pub mod testkit;

@@ -121,6 +121,41 @@ struct RunArgs {
     /// Do not forward stdin to the guest's serial port.
     #[arg(long)]
     no_stdin: bool,
+    #[command(flatten)]
+    ft: FtArgs,
+}
+
+/// Fault tolerance: run as a primary or a backup.
+#[derive(Args)]
+struct FtArgs {
+    /// Run as the primary, streaming the log to the backup at --peer.
+    #[arg(long, conflicts_with = "backup", requires_all = ["peer", "arbiter", "console_file"])]
+    primary: bool,
+    /// Run as the backup, replaying the log received on --listen.
+    #[arg(long, requires_all = ["listen", "arbiter", "console_file"])]
+    backup: bool,
+    /// The backup's logging-channel address (primary).
+    #[arg(long, value_name = "HOST:PORT")]
+    peer: Option<String>,
+    /// Where to accept the primary (backup).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Shared key of the logging channel (both sides); prefer FTVMM_KEY.
+    #[arg(long, env = "FTVMM_KEY", default_value = "", hide_env_values = true)]
+    key: String,
+    /// Directory on storage both hosts share: the split-brain guard.
+    #[arg(long, value_name = "DIR")]
+    arbiter: Option<PathBuf>,
+    /// This node's name for the arbiter (default: role@hostname-pid).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Console output file, written at stream offsets by whichever side is
+    /// live (an outside reader sees one continuous stream).
+    #[arg(long, value_name = "PATH")]
+    console_file: Option<PathBuf>,
+    /// Milliseconds of silence after which the peer counts as dead.
+    #[arg(long, default_value_t = 1000)]
+    peer_timeout_ms: u64,
 }
 
 impl VmArgs {
@@ -146,8 +181,43 @@ impl VmArgs {
     }
 }
 
+fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
+    let f = &args.ft;
+    let role = if f.primary { "primary" } else { "backup" };
+    if f.key.is_empty() {
+        anyhow::bail!("the logging channel needs a shared key: set FTVMM_KEY or pass --key");
+    }
+    let ft = ftvmm::roles::FtOptions {
+        key: f.key.as_bytes().to_vec(),
+        arbiter: f.arbiter.clone().context("--arbiter is required")?,
+        node_id: f
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{role}-{}", std::process::id())),
+        console: f
+            .console_file
+            .clone()
+            .context("--console-file is required")?,
+        peer_timeout: Duration::from_millis(f.peer_timeout_ms),
+        digest_every: Duration::from_millis(200),
+    };
+    let cfg = args.vm.config();
+    let end = if f.primary {
+        let peer = f.peer.as_deref().context("--peer is required")?;
+        ftvmm::roles::run_primary(image, cfg, peer, &ft)?
+    } else {
+        let listen = f.listen.as_deref().context("--listen is required")?;
+        ftvmm::roles::run_backup(image, cfg, listen, &ft)?
+    };
+    eprintln!("ftvmm: {role} stopped: {end:?}");
+    Ok(end_code(end))
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let image = args.vm.kernel_image()?;
+    if args.ft.primary || args.ft.backup {
+        return run_ft(&args, &image);
+    }
     let mut m = Machine::new(args.vm.config(), &image).context("cannot start the VM")?;
     if !args.no_stdin {
         console::forward_stdin(m.host_inputs());

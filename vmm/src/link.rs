@@ -70,6 +70,10 @@ impl LogSource for ChannelSource {
         Ok(self.peeked.as_ref())
     }
 
+    fn cut_short(&self) -> bool {
+        self.ended.is_some()
+    }
+
     fn advance(&mut self) {
         if let Some(e) = self.peeked.take() {
             if let Err(err) = self.rx.report_executed(e.seq) {

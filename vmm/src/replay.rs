@@ -18,6 +18,11 @@ pub trait LogSource {
     fn peek(&mut self) -> Result<Option<&LogEntry>>;
     /// Consume the entry `peek` returned.
     fn advance(&mut self);
+    /// The log ended because its writer died (not by its end marker): the
+    /// replay should stop at the next point and let the caller go live.
+    fn cut_short(&self) -> bool {
+        false
+    }
 }
 
 /// A log held in memory.
@@ -86,6 +91,11 @@ impl<S: LogSource> Replayer<S> {
     /// Counters so far.
     pub fn stats(&self) -> ReplayStats {
         self.stats
+    }
+
+    /// The log source.
+    pub fn source(&self) -> &S {
+        &self.source
     }
 
     /// The next entry, if it is due at `p`. An entry due earlier is a
@@ -212,6 +222,9 @@ impl<S: LogSource> Observer for Replayer<S> {
                 }
             }
             self.consume();
+        }
+        if self.source.cut_short() && self.source.peek()?.is_none() {
+            return Ok(Flow::Pause);
         }
         Ok(Flow::Continue)
     }

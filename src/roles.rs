@@ -1,0 +1,289 @@
+//! The two fault-tolerance roles: a primary that records into the logging
+//! channel and releases console output only when the backup has the log
+//! entries it depends on, and a backup that replays the channel and goes
+//! live when the primary is gone (after winning the arbiter).
+//!
+//! Console output is a byte stream addressed by offset (bytes since boot,
+//! the same on both sides), written into `--console-file` with positioned
+//! writes: a backup that goes live rewrites what it produced at the same
+//! offsets (identical bytes), so an outside reader sees neither a gap nor a
+//! contradiction.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ftlog::{Acks, BackupExpect, BackupListener, ChannelConfig, PrimarySender};
+use netdev::OutputGate;
+use vmm::link::ChannelSource;
+use vmm::points::PointMode;
+use vmm::record::Recorder;
+use vmm::replay::Replayer;
+use vmm::{Live, Machine, MachineConfig, RunEnd};
+
+use crate::arbiter::{Arbiter, Outcome};
+use crate::rr::{header_for, RecordOptions};
+
+/// What both roles need besides the VM.
+#[derive(Debug, Clone)]
+pub struct FtOptions {
+    /// Shared key for the channel handshake.
+    pub key: Vec<u8>,
+    /// Shared directory for the arbiter.
+    pub arbiter: PathBuf,
+    /// This node's id for the arbiter.
+    pub node_id: String,
+    /// Where console output goes, by offset.
+    pub console: PathBuf,
+    /// How long the peer may be silent before it counts as dead.
+    pub peer_timeout: Duration,
+    /// Host time between state digests in the log.
+    pub digest_every: Duration,
+}
+
+/// The console file, written at stream offsets.
+#[derive(Clone)]
+struct ConsoleFile(Arc<File>);
+
+impl ConsoleFile {
+    fn open(path: &Path) -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open console file {}", path.display()))?;
+        Ok(ConsoleFile(Arc::new(f)))
+    }
+
+    fn put(&self, offset: u64, bytes: &[u8]) {
+        if let Err(e) = self.0.write_all_at(bytes, offset) {
+            tracing::warn!("console output lost at offset {offset}: {e}");
+        }
+    }
+}
+
+/// Serial output on the primary: tagged with the last log entry and held in
+/// the gate until the backup has it.
+struct GatedSerial {
+    gate: OutputGate<(u64, Vec<u8>)>,
+    tx: Arc<PrimarySender>,
+    offset: u64,
+}
+
+impl Write for GatedSerial {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let tag = self.tx.next_seq().checked_sub(1);
+        self.gate.hold(tag, (self.offset, buf.to_vec()));
+        self.offset += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serial output on a backup: kept with its offsets, shown only on go-live.
+#[derive(Clone, Default)]
+struct HeldSerial(Arc<Mutex<(u64, Vec<u8>)>>);
+
+impl Write for HeldSerial {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut g) = self.0.lock() {
+            g.1.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serial output of a live VM with no backup: straight to the console file.
+struct DirectSerial {
+    console: ConsoleFile,
+    offset: u64,
+}
+
+impl Write for DirectSerial {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.console.put(self.offset, buf);
+        self.offset += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Release gated output as acks arrive, until `done`.
+fn releaser(
+    gate: OutputGate<(u64, Vec<u8>)>,
+    tx: Arc<PrimarySender>,
+    console: ConsoleFile,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut seen = Acks::default();
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        if let Ok(a) = tx.wait_acks_change(seen, Duration::from_millis(20)) {
+            seen = a;
+        }
+        if let Some(r) = seen.received {
+            gate.ack(r);
+        }
+        for r in gate.take_released() {
+            console.put(r.item.0, &r.item.1);
+        }
+    }
+    for r in gate.take_released() {
+        console.put(r.item.0, &r.item.1);
+    }
+}
+
+/// Win the arbiter or explain why not.
+fn win(ft: &FtOptions, why: &str) -> Result<()> {
+    let arb = Arbiter::new(&ft.arbiter, &ft.node_id)?;
+    match arb.try_win(1)? {
+        Outcome::Won => {
+            eprintln!(
+                "ftvmm: {why}; {} won the arbiter and goes on alone",
+                ft.node_id
+            );
+            Ok(())
+        }
+        Outcome::Lost { winner } => {
+            bail!("{why}, but {winner} already won the arbiter: stopping this VM so there is never more than one primary")
+        }
+    }
+}
+
+fn connect(peer: &str, cfg: &ChannelConfig, header: &ftlog::LogHeader) -> Result<PrimarySender> {
+    let start = Instant::now();
+    loop {
+        match PrimarySender::connect(peer, cfg, header) {
+            Ok(tx) => return Ok(tx),
+            Err(ftlog::ChannelError::Connect { .. })
+                if start.elapsed() < Duration::from_secs(30) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot reach the backup at {peer}")),
+        }
+    }
+}
+
+fn channel_config(ft: &FtOptions) -> ChannelConfig {
+    let mut c = ChannelConfig::new(ft.key.clone());
+    c.peer_timeout = ft.peer_timeout;
+    c
+}
+
+/// Run as the primary: record into the channel to `peer`.
+pub fn run_primary(
+    image: &[u8],
+    mut cfg: MachineConfig,
+    peer: &str,
+    ft: &FtOptions,
+) -> Result<RunEnd> {
+    cfg.points = PointMode::Exits;
+    let opts = RecordOptions {
+        backend: ftlog::ExecBackend::Exits,
+        digest_every: Some(ft.digest_every),
+    };
+    let header = header_for(image, &cfg, &opts);
+    let tx = Arc::new(connect(peer, &channel_config(ft), &header)?);
+    let console = ConsoleFile::open(&ft.console)?;
+    let gate = OutputGate::new();
+    cfg.serial_out = Box::new(GatedSerial {
+        gate: gate.clone(),
+        tx: tx.clone(),
+        offset: 0,
+    });
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rel = {
+        let (g, t, c, d) = (gate.clone(), tx.clone(), console.clone(), done.clone());
+        std::thread::spawn(move || releaser(g, t, c, d))
+    };
+    let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
+    let mut rec = Recorder::new(tx.clone(), opts.digest_every);
+    let result = m.run(&mut rec);
+    let end = match result {
+        Ok(end) => {
+            rec.finish(&mut m, end)?;
+            drop(rec);
+            // The last outputs wait for their acks; then close cleanly.
+            let last = tx.next_seq().saturating_sub(1);
+            let _ = tx.wait_received(last, ft.peer_timeout);
+            end
+        }
+        Err(e) => {
+            drop(rec);
+            let why = format!("the logging channel failed ({e})");
+            if let Err(lost) = win(ft, &why) {
+                gate.discard();
+                done.store(true, std::sync::atomic::Ordering::Release);
+                let _ = rel.join();
+                return Err(lost);
+            }
+            gate.open();
+            m.run(&mut Live)?
+        }
+    };
+    gate.open();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let _ = rel.join();
+    if let Ok(tx) = Arc::try_unwrap(tx) {
+        let _ = tx.close();
+    }
+    Ok(end)
+}
+
+/// Run as the backup: replay what arrives on `listen`; go live if the
+/// primary dies.
+pub fn run_backup(
+    image: &[u8],
+    mut cfg: MachineConfig,
+    listen: &str,
+    ft: &FtOptions,
+) -> Result<RunEnd> {
+    cfg.points = PointMode::Exits;
+    cfg.live_timers = false;
+    let expect = BackupExpect {
+        backend: ftlog::ExecBackend::Exits,
+        image_digest: vmm::digest::image_digest(image),
+    };
+    let listener = BackupListener::bind(listen, &channel_config(ft), expect)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    eprintln!("ftvmm: backup waiting for the primary on {listen}");
+    let rx = Arc::new(listener.accept().context("no primary connected")?);
+    let held = HeldSerial::default();
+    cfg.serial_out = Box::new(held.clone());
+    let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
+    let mut rep = Replayer::new(ChannelSource::new(rx));
+    let end = m.run(&mut rep)?;
+    let primary_gone = rep.source().ended().map(|e| e.to_string());
+    let Some(why) = primary_gone else {
+        rep.finish(&mut m, end)?;
+        return Ok(end);
+    };
+    // Go live at this exact point.
+    win(ft, &format!("the primary is gone ({why})"))?;
+    let point = m.point()?;
+    eprintln!("ftvmm: going live at {point}");
+    let console = ConsoleFile::open(&ft.console)?;
+    let produced = held.0.lock().map(|g| g.1.clone()).unwrap_or_default();
+    console.put(0, &produced);
+    m.devices.serial.set_output(Box::new(DirectSerial {
+        console,
+        offset: produced.len() as u64,
+    }));
+    m.set_live_timers(true);
+    Ok(m.run(&mut Live)?)
+}

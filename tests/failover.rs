@@ -1,0 +1,173 @@
+//! Primary and backup as two `ftvmm` processes on loopback: kill -9 of the
+//! primary at random moments, kill of the backup, and a refused stranger.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CMDLINE: &str = "hz=250 ticks=300 digest_every=25";
+const KEY: &str = "failover test key";
+
+struct Pair {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Pair {
+    fn new(tag: &str) -> Pair {
+        let dir = std::env::temp_dir().join(format!("ftvmm-failover-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("arbiter")).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Pair { dir, port }
+    }
+
+    fn console(&self) -> PathBuf {
+        self.dir.join("console.txt")
+    }
+
+    fn spawn(&self, role: &str, key: &str) -> Child {
+        let addr = format!("127.0.0.1:{}", self.port);
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ftvmm"));
+        c.args(["run", "--no-stdin", "--cmdline", CMDLINE, "--node-id", role])
+            .arg("--arbiter")
+            .arg(self.dir.join("arbiter"))
+            .arg("--console-file")
+            .arg(self.console())
+            .args(["--peer-timeout-ms", "500"])
+            .env("FTVMM_KEY", key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        match role {
+            "primary" => c.args(["--primary", "--peer", &addr]),
+            _ => c.args(["--backup", "--listen", &addr]),
+        };
+        c.spawn().unwrap()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn stderr_of(child: Child) -> (i32, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The console stream is whole: no gap (a gap in a file written at offsets
+/// reads as NUL bytes) and every line in order.
+fn check_console(path: &Path) {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(!bytes.contains(&0), "gap in the console stream");
+    let text = String::from_utf8(bytes).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("ftvmm-guest 0.1 booting"));
+    assert_eq!(lines.next(), Some(format!("cmdline: {CMDLINE}").as_str()));
+    assert!(lines.next().unwrap().starts_with("clock "));
+    for k in 1..=12 {
+        let l = lines.next().unwrap_or_default();
+        assert!(
+            l.starts_with(&format!("tick {} digest ", 25 * k)),
+            "{l:?} in\n{text}"
+        );
+    }
+    assert!(lines.next().unwrap().starts_with("work steps "));
+    assert!(lines.next().unwrap().starts_with("done ticks 300 digest "));
+    assert_eq!(lines.next(), None);
+}
+
+/// 0..1 from a small generator seeded by the clock (printed for reruns).
+fn random_fractions(n: usize) -> Vec<f64> {
+    let mut s = std::env::var("FTVMM_TEST_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("FTVMM_TEST_SEED={s}");
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 53) as f64
+        })
+        .collect()
+}
+
+#[test]
+fn killing_the_primary_at_random_moments_loses_no_console_output() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    for (i, f) in random_fractions(20).into_iter().enumerate() {
+        let pair = Pair::new(&format!("kill{i}"));
+        let backup = pair.spawn("backup", KEY);
+        let mut primary = pair.spawn("primary", KEY);
+        // The guest runs 1.2 s; kill anywhere from boot to its end.
+        let at = Duration::from_millis(100 + (f * 1200.0) as u64);
+        let start = Instant::now();
+        while start.elapsed() < at && primary.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = primary.kill();
+        let _ = primary.wait();
+        // What the outside world had seen when the primary died.
+        let released = std::fs::read(pair.console()).unwrap_or_default();
+        let (code, err) = stderr_of(backup);
+        assert_eq!(code, 0, "kill {i} after {at:?}: backup failed:\n{err}");
+        let full = std::fs::read(pair.console()).unwrap();
+        assert!(
+            full.starts_with(&released),
+            "kill {i}: the new primary contradicted released output"
+        );
+        check_console(&pair.console());
+    }
+}
+
+#[test]
+fn killing_the_backup_lets_the_primary_win_and_continue() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    let pair = Pair::new("backupdies");
+    let mut backup = pair.spawn("backup", KEY);
+    let primary = pair.spawn("primary", KEY);
+    std::thread::sleep(Duration::from_millis(600));
+    let _ = backup.kill();
+    let _ = backup.wait();
+    let (code, err) = stderr_of(primary);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("primary won the arbiter"), "{err}");
+    check_console(&pair.console());
+}
+
+#[test]
+fn a_primary_with_the_wrong_key_is_refused() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    let pair = Pair::new("badkey");
+    let mut backup = pair.spawn("backup", KEY);
+    let primary = pair.spawn("primary", "another key");
+    let (code, err) = stderr_of(primary);
+    let _ = backup.kill();
+    let _ = backup.wait();
+    assert_ne!(code, 0);
+    assert!(err.to_lowercase().contains("key"), "{err}");
+}
