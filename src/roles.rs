@@ -147,6 +147,66 @@ fn releaser(
     }
 }
 
+/// The recorder, slowed down while the backup's replay lags too far behind
+/// (the channel's lag bound), so a failover never has far to catch up.
+struct Throttled {
+    inner: Recorder<Arc<PrimarySender>>,
+    tx: Arc<PrimarySender>,
+}
+
+impl vmm::Observer for Throttled {
+    fn at_point(&mut self, m: &mut Machine) -> vmm::Result<vmm::Flow> {
+        self.tx
+            .throttle()
+            .map_err(|e| vmm::Error::Observer(format!("logging channel: {e}")))?;
+        self.inner.at_point(m)
+    }
+
+    fn on_read(
+        &mut self,
+        m: &mut Machine,
+        src: vmm::ReadSource,
+        class: vmm::devices::ReadClass,
+        data: &mut [u8],
+    ) -> vmm::Result<()> {
+        self.inner.on_read(m, src, class, data)
+    }
+
+    fn on_inject(&mut self, m: &mut Machine, vector: u8) -> vmm::Result<()> {
+        self.inner.on_inject(m, vector)
+    }
+}
+
+/// A status line every 2 s: entries, bytes, ack latency, lag, held output.
+fn spawn_status(
+    tx: Arc<PrimarySender>,
+    gate: OutputGate<(u64, Vec<u8>)>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut last = (0u64, 0u64, Instant::now());
+        while !done.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(100));
+            if last.2.elapsed() < Duration::from_secs(2) {
+                continue;
+            }
+            let s = tx.stats();
+            let secs = last.2.elapsed().as_secs_f64();
+            eprintln!(
+                "[primary {:.0}s] {:.0} entries/s, {:.0} bytes/s, ack latency {:?}, lag {} entries, {} outputs held",
+                start.elapsed().as_secs_f64(),
+                (s.entries_written - last.0) as f64 / secs,
+                (s.bytes_written - last.1) as f64 / secs,
+                s.ack_latency,
+                s.lag,
+                gate.held()
+            );
+            last = (s.entries_written, s.bytes_written, Instant::now());
+        }
+    })
+}
+
 /// Win the arbiter or explain why not.
 fn win(ft: &FtOptions, why: &str) -> Result<()> {
     let arb = Arbiter::new(&ft.arbiter, &ft.node_id)?;
@@ -212,8 +272,13 @@ pub fn run_primary(
         std::thread::spawn(move || releaser(g, t, c, d))
     };
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
-    let mut rec = Recorder::new(tx.clone(), opts.digest_every);
+    let status = spawn_status(tx.clone(), gate.clone(), done.clone());
+    let mut rec = Throttled {
+        inner: Recorder::new(tx.clone(), opts.digest_every),
+        tx: tx.clone(),
+    };
     let result = m.run(&mut rec);
+    let mut rec = rec.inner;
     let end = match result {
         Ok(end) => {
             rec.finish(&mut m, end)?;
@@ -239,6 +304,7 @@ pub fn run_primary(
     gate.open();
     done.store(true, std::sync::atomic::Ordering::Release);
     let _ = rel.join();
+    let _ = status.join();
     if let Ok(tx) = Arc::try_unwrap(tx) {
         let _ = tx.close();
     }

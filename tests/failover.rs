@@ -33,7 +33,11 @@ impl Pair {
     }
 
     fn spawn(&self, role: &str, key: &str) -> Child {
-        let addr = format!("127.0.0.1:{}", self.port);
+        self.spawn_at(role, key, self.port)
+    }
+
+    fn spawn_at(&self, role: &str, key: &str, port: u16) -> Child {
+        let addr = format!("127.0.0.1:{port}");
         let mut c = Command::new(env!("CARGO_BIN_EXE_ftvmm"));
         c.args(["run", "--no-stdin", "--cmdline", CMDLINE, "--node-id", role])
             .arg("--arbiter")
@@ -58,7 +62,14 @@ impl Drop for Pair {
     }
 }
 
-fn stderr_of(child: Child) -> (i32, String) {
+/// Exit code and stderr; a process still running after a minute is killed
+/// (and reported as code -1) so a hang fails the test instead of stalling it.
+fn stderr_of(mut child: Child) -> (i32, String) {
+    let start = Instant::now();
+    while child.try_wait().ok().flatten().is_none() && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -170,4 +181,84 @@ fn a_primary_with_the_wrong_key_is_refused() {
     let _ = backup.wait();
     assert_ne!(code, 0);
     assert!(err.to_lowercase().contains("key"), "{err}");
+}
+
+/// A TCP relay between primary and backup that can stop forwarding in both
+/// directions while keeping both connections open: a cut network link.
+struct Relay {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    fn start(to: u16) -> Relay {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let c = cut.clone();
+        std::thread::spawn(move || {
+            let Ok((a, _)) = listener.accept() else {
+                return;
+            };
+            // The backup process may still be starting up.
+            let mut b = None;
+            for _ in 0..200 {
+                if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", to)) {
+                    b = Some(s);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            let Some(b) = b else { return };
+            for (mut from, mut into) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match from.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) if !c.load(Ordering::Acquire) => {
+                                if into.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {} // cut: swallow
+                        }
+                    }
+                });
+            }
+        });
+        Relay { port, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[test]
+fn a_cut_logging_channel_leaves_exactly_one_side_live() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    for round in 0..3 {
+        let pair = Pair::new(&format!("cut{round}"));
+        let relay = Relay::start(pair.port);
+        let backup = pair.spawn("backup", KEY);
+        let primary = pair.spawn_at("primary", KEY, relay.port);
+        std::thread::sleep(Duration::from_millis(300 + 200 * round));
+        relay.cut();
+        let (p_code, p_err) = stderr_of(primary);
+        let (b_code, b_err) = stderr_of(backup);
+        let live = [p_code, b_code].iter().filter(|c| **c == 0).count();
+        assert_eq!(
+            live, 1,
+            "round {round}: primary {p_code}:\n{p_err}\nbackup {b_code}:\n{b_err}"
+        );
+        let loser = if p_code == 0 { &b_err } else { &p_err };
+        assert!(loser.contains("already won the arbiter"), "{loser}");
+        check_console(&pair.console());
+    }
 }
