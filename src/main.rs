@@ -205,6 +205,8 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
     let end = if f.primary {
         let peer = f.peer.as_deref().context("--peer is required")?;
         ftvmm::roles::run_primary(image, cfg, peer, &ft)?
+            .end
+            .unwrap_or(RunEnd::Stopped)
     } else {
         let listen = f.listen.as_deref().context("--listen is required")?;
         ftvmm::roles::run_backup(image, cfg, listen, &ft)?

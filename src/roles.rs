@@ -123,28 +123,50 @@ impl Write for DirectSerial {
     }
 }
 
+/// What the primary measured, for the status line and the benchmarks.
+#[derive(Debug, Default, Clone)]
+pub struct PrimaryReport {
+    /// How the guest stopped.
+    pub end: Option<RunEnd>,
+    /// How long each console write was held by the output rule.
+    pub output_delays: Vec<Duration>,
+    /// Channel round trips (write of a batch to its ack), sampled.
+    pub ack_latencies: Vec<Duration>,
+    /// Log bytes written to the channel.
+    pub log_bytes: u64,
+    /// Log entries written.
+    pub log_entries: u64,
+}
+
 /// Release gated output as acks arrive, until `done`.
 fn releaser(
     gate: OutputGate<(u64, Vec<u8>)>,
     tx: Arc<PrimarySender>,
     console: ConsoleFile,
     done: Arc<std::sync::atomic::AtomicBool>,
-) {
+) -> PrimaryReport {
+    let mut report = PrimaryReport::default();
     let mut seen = Acks::default();
+    let release = |report: &mut PrimaryReport| {
+        for r in gate.take_released() {
+            console.put(r.item.0, &r.item.1);
+            report.output_delays.push(r.held_for);
+        }
+    };
     while !done.load(std::sync::atomic::Ordering::Acquire) {
         if let Ok(a) = tx.wait_acks_change(seen, Duration::from_millis(20)) {
+            if a != seen {
+                report.ack_latencies.extend(tx.stats().ack_latency);
+            }
             seen = a;
         }
         if let Some(r) = seen.received {
             gate.ack(r);
         }
-        for r in gate.take_released() {
-            console.put(r.item.0, &r.item.1);
-        }
+        release(&mut report);
     }
-    for r in gate.take_released() {
-        console.put(r.item.0, &r.item.1);
-    }
+    release(&mut report);
+    report
 }
 
 /// The recorder, slowed down while the backup's replay lags too far behind
@@ -251,7 +273,7 @@ pub fn run_primary(
     mut cfg: MachineConfig,
     peer: &str,
     ft: &FtOptions,
-) -> Result<RunEnd> {
+) -> Result<PrimaryReport> {
     cfg.points = PointMode::Exits;
     let opts = RecordOptions {
         backend: ftlog::ExecBackend::Exits,
@@ -303,12 +325,16 @@ pub fn run_primary(
     };
     gate.open();
     done.store(true, std::sync::atomic::Ordering::Release);
-    let _ = rel.join();
+    let mut report = rel.join().unwrap_or_default();
     let _ = status.join();
+    let stats = tx.stats();
+    report.end = Some(end);
+    report.log_bytes = stats.bytes_written;
+    report.log_entries = stats.entries_written;
     if let Ok(tx) = Arc::try_unwrap(tx) {
         let _ = tx.close();
     }
-    Ok(end)
+    Ok(report)
 }
 
 /// Run as the backup: replay what arrives on `listen`; go live if the
