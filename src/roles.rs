@@ -355,6 +355,17 @@ pub fn run_backup(
         .with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!("ftvmm: backup waiting for the primary on {listen}");
     let rx = Arc::new(listener.accept().context("no primary connected")?);
+    // Same image (checked in the handshake), same memory and command line:
+    // the backup starts from the primary's initial state.
+    let h = rx.header();
+    if u64::from(h.mem_mib) != cfg.mem_mib || h.cmdline != cfg.cmdline {
+        eprintln!(
+            "ftvmm: using the primary's guest configuration ({} MiB, {:?})",
+            h.mem_mib, h.cmdline
+        );
+        cfg.mem_mib = u64::from(h.mem_mib);
+        cfg.cmdline = h.cmdline.clone();
+    }
     let held = HeldSerial::default();
     cfg.serial_out = Box::new(held.clone());
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;

@@ -262,3 +262,41 @@ fn a_cut_logging_channel_leaves_exactly_one_side_live() {
         check_console(&pair.console());
     }
 }
+
+#[test]
+fn a_primary_with_another_guest_image_is_refused() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    let pair = Pair::new("image");
+    let other = pair.dir.join("other.elf");
+    std::fs::write(&other, ftvmm::testkit::pio_loop(1000, false)).unwrap();
+    let mut backup = pair.spawn("backup", KEY);
+    let addr = format!("127.0.0.1:{}", pair.port);
+    let primary = Command::new(env!("CARGO_BIN_EXE_ftvmm"))
+        .args([
+            "run",
+            "--no-stdin",
+            "--node-id",
+            "primary",
+            "--primary",
+            "--peer",
+            &addr,
+        ])
+        .arg("--kernel")
+        .arg(&other)
+        .arg("--arbiter")
+        .arg(pair.dir.join("arbiter"))
+        .arg("--console-file")
+        .arg(pair.console())
+        .env("FTVMM_KEY", KEY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (code, err) = stderr_of(primary);
+    let _ = backup.kill();
+    let _ = backup.wait();
+    assert_ne!(code, 0);
+    assert!(err.contains("image"), "{err}");
+}
