@@ -54,6 +54,7 @@ fn ft_options(dir: &Path) -> FtOptions {
         console: dir.join("console.txt"),
         peer_timeout: Duration::from_secs(2),
         digest_every: Duration::from_millis(200),
+        lag_bound: None,
     }
 }
 

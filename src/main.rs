@@ -156,6 +156,10 @@ struct FtArgs {
     /// Milliseconds of silence after which the peer counts as dead.
     #[arg(long, default_value_t = 1000)]
     peer_timeout_ms: u64,
+    /// Log entries the backup may lag behind before the primary is slowed
+    /// (default 10000, about 1 s of a guest taking 10 k inputs a second).
+    #[arg(long)]
+    lag_bound_entries: Option<u64>,
 }
 
 impl VmArgs {
@@ -200,6 +204,7 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
             .context("--console-file is required")?,
         peer_timeout: Duration::from_millis(f.peer_timeout_ms),
         digest_every: Duration::from_millis(200),
+        lag_bound: f.lag_bound_entries,
     };
     let cfg = args.vm.config();
     let end = if f.primary {

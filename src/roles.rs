@@ -43,6 +43,9 @@ pub struct FtOptions {
     pub peer_timeout: Duration,
     /// Host time between state digests in the log.
     pub digest_every: Duration,
+    /// How many log entries the backup's replay may lag behind before the
+    /// primary is slowed (None: the channel's default).
+    pub lag_bound: Option<u64>,
 }
 
 /// The console file, written at stream offsets.
@@ -264,6 +267,9 @@ fn connect(peer: &str, cfg: &ChannelConfig, header: &ftlog::LogHeader) -> Result
 fn channel_config(ft: &FtOptions) -> ChannelConfig {
     let mut c = ChannelConfig::new(ft.key.clone());
     c.peer_timeout = ft.peer_timeout;
+    if let Some(b) = ft.lag_bound {
+        c.lag_bound = b;
+    }
     c
 }
 
