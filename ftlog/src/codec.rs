@@ -194,21 +194,9 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, LogError> {
 
 /// [`decode_frame`], naming `at` in errors.
 pub fn decode_frame_at(buf: &[u8], at: FramePos) -> Result<Option<(Frame, usize)>, LogError> {
-    let Some((len, stored)) = frame_head(buf, at)? else {
+    let Some((payload, end)) = checked_payload(buf, at)? else {
         return Ok(None);
     };
-    let end = FRAME_HEAD_LEN + len;
-    let Some(payload) = buf.get(FRAME_HEAD_LEN..end) else {
-        return Ok(None);
-    };
-    let computed = crc32fast::hash(payload);
-    if computed != stored {
-        return Err(LogError::Checksum {
-            at,
-            stored,
-            computed,
-        });
-    }
     let (frame, rest) =
         postcard::take_from_bytes::<Frame>(payload).map_err(|e| LogError::Decode {
             at,
@@ -246,6 +234,31 @@ fn frame_head(buf: &[u8], at: FramePos) -> Result<Option<(usize, u32)>, LogError
         max: MAX_FRAME_LEN,
     })?;
     Ok(Some((len, crc)))
+}
+
+/// The payload of the complete frame at the start of `buf` (length within
+/// the limit, CRC verified) and the frame's total length; None while the
+/// frame is incomplete. Shared by log streams and the logging channel.
+pub(crate) fn checked_payload(
+    buf: &[u8],
+    at: FramePos,
+) -> Result<Option<(&[u8], usize)>, LogError> {
+    let Some((len, stored)) = frame_head(buf, at)? else {
+        return Ok(None);
+    };
+    let end = FRAME_HEAD_LEN + len;
+    let Some(payload) = buf.get(FRAME_HEAD_LEN..end) else {
+        return Ok(None);
+    };
+    let computed = crc32fast::hash(payload);
+    if computed != stored {
+        return Err(LogError::Checksum {
+            at,
+            stored,
+            computed,
+        });
+    }
+    Ok(Some((payload, end)))
 }
 
 /// Check the bytes left over when a stream ended at `at`: none is a clean

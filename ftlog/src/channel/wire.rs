@@ -8,7 +8,7 @@ use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::error::{ChannelError, Refusal};
-use crate::codec::{decode_value, encode_value, FRAME_HEAD_LEN, MAX_FRAME_LEN};
+use crate::codec::{checked_payload, decode_value, encode_value, FRAME_HEAD_LEN, MAX_FRAME_LEN};
 use crate::{ExecBackend, FramePos, LogEntry, LogError, LogHeader};
 
 /// The first eight bytes each side sends.
@@ -186,32 +186,9 @@ impl FrameReader {
     pub fn next_buffered(&mut self) -> Result<Option<Msg>, ChannelError> {
         let at = self.pos;
         let pending = self.buf.get(self.start..).unwrap_or_default();
-        let Some(head) = pending.get(..FRAME_HEAD_LEN) else {
+        let Some((payload, end)) = checked_payload(pending, at)? else {
             return Ok(None);
         };
-        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let stored = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        if len > MAX_FRAME_LEN {
-            return Err(LogError::FrameTooLarge {
-                at,
-                len: u64::from(len),
-                max: MAX_FRAME_LEN,
-            }
-            .into());
-        }
-        let end = FRAME_HEAD_LEN + len as usize;
-        let Some(payload) = pending.get(FRAME_HEAD_LEN..end) else {
-            return Ok(None);
-        };
-        let computed = crc32fast::hash(payload);
-        if computed != stored {
-            return Err(LogError::Checksum {
-                at,
-                stored,
-                computed,
-            }
-            .into());
-        }
         let msg: Msg = decode_value(payload).map_err(|reason| LogError::Decode { at, reason })?;
         self.start += end;
         self.pos = self.pos.next(end);
