@@ -55,6 +55,8 @@ fn ft_options(dir: &Path) -> FtOptions {
         peer_timeout: Duration::from_secs(2),
         digest_every: Duration::from_millis(200),
         lag_bound: None,
+        heartbeat: None,
+        heartbeat_timeout: Duration::from_secs(2),
     }
 }
 

@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Boot a guest (the bundled one unless --kernel is given) and show its
     /// serial console on stdout; stdin goes to the guest's serial port.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Boot a guest and record everything non-deterministic it sees into a
     /// log, showing its console as `run` does.
     Record(RecordArgs),
@@ -156,6 +156,16 @@ struct FtArgs {
     /// Milliseconds of silence after which the peer counts as dead.
     #[arg(long, default_value_t = 1000)]
     peer_timeout_ms: u64,
+    /// UDP heartbeats: this side's address (needs --heartbeat-peer).
+    #[arg(long, value_name = "HOST:PORT", requires = "heartbeat_peer")]
+    heartbeat_local: Option<String>,
+    /// UDP heartbeats: the peer's heartbeat address.
+    #[arg(long, value_name = "HOST:PORT", requires = "heartbeat_local")]
+    heartbeat_peer: Option<String>,
+    /// Milliseconds without heartbeats after which the peer counts as dead
+    /// (default: --peer-timeout-ms).
+    #[arg(long)]
+    heartbeat_timeout_ms: Option<u64>,
     /// Log entries the backup may lag behind before the primary is slowed
     /// (default 10000, about 1 s of a guest taking 10 k inputs a second).
     #[arg(long)]
@@ -205,6 +215,10 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
         peer_timeout: Duration::from_millis(f.peer_timeout_ms),
         digest_every: Duration::from_millis(200),
         lag_bound: f.lag_bound_entries,
+        heartbeat: f.heartbeat_local.clone().zip(f.heartbeat_peer.clone()),
+        heartbeat_timeout: Duration::from_millis(
+            f.heartbeat_timeout_ms.unwrap_or(f.peer_timeout_ms),
+        ),
     };
     let cfg = args.vm.config();
     let end = if f.primary {
@@ -372,7 +386,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Record(a) => record(a),
         Command::Replay(a) => replay(a),
         Command::Demo(a) => demo(a),

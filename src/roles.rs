@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,7 @@ use vmm::replay::Replayer;
 use vmm::{Live, Machine, MachineConfig, RunEnd};
 
 use crate::arbiter::{Arbiter, Outcome};
+use crate::heartbeat::{Heartbeat, HeartbeatConfig, Role};
 use crate::rr::{header_for, RecordOptions};
 
 /// What both roles need besides the VM.
@@ -46,6 +48,11 @@ pub struct FtOptions {
     /// How many log entries the backup's replay may lag behind before the
     /// primary is slowed (None: the channel's default).
     pub lag_bound: Option<u64>,
+    /// UDP heartbeats: (local address, peer address); None: the channel's
+    /// keepalives alone detect a dead peer.
+    pub heartbeat: Option<(String, String)>,
+    /// Silence after which heartbeats declare the peer dead.
+    pub heartbeat_timeout: Duration,
 }
 
 /// The console file, written at stream offsets.
@@ -173,14 +180,24 @@ fn releaser(
 }
 
 /// The recorder, slowed down while the backup's replay lags too far behind
-/// (the channel's lag bound), so a failover never has far to catch up.
+/// (the channel's lag bound), so a failover never has far to catch up, and
+/// stopped when the backup's heartbeats stop.
 struct Throttled {
     inner: Recorder<Arc<PrimarySender>>,
     tx: Arc<PrimarySender>,
+    heartbeat: Option<Heartbeat>,
 }
 
 impl vmm::Observer for Throttled {
     fn at_point(&mut self, m: &mut Machine) -> vmm::Result<vmm::Flow> {
+        if let Some(hb) = &self.heartbeat {
+            if !hb.is_alive() {
+                return Err(vmm::Error::Observer(format!(
+                    "the backup's heartbeats stopped {:?} ago",
+                    hb.silence()
+                )));
+            }
+        }
         self.tx
             .throttle()
             .map_err(|e| vmm::Error::Observer(format!("logging channel: {e}")))?;
@@ -230,6 +247,26 @@ fn spawn_status(
             last = (s.entries_written, s.bytes_written, Instant::now());
         }
     })
+}
+
+/// UDP heartbeats to the peer, if configured. A heartbeat path that cannot
+/// be set up is a warning: the channel's keepalives still detect a dead peer.
+fn heartbeat(role: Role, ft: &FtOptions) -> Result<Option<Heartbeat>> {
+    let Some((local, peer)) = &ft.heartbeat else {
+        return Ok(None);
+    };
+    let mut cfg = HeartbeatConfig::new(role, 1);
+    cfg.timeout = ft.heartbeat_timeout.max(cfg.interval * 2);
+    Ok(Heartbeat::bind(resolve(local)?, resolve(peer)?, cfg)
+        .map_err(|e| tracing::warn!("no UDP heartbeats ({e}); relying on the logging channel"))
+        .ok())
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("cannot resolve {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))
 }
 
 /// Win the arbiter or explain why not.
@@ -304,6 +341,7 @@ pub fn run_primary(
     let mut rec = Throttled {
         inner: Recorder::new(tx.clone(), opts.digest_every),
         tx: tx.clone(),
+        heartbeat: heartbeat(Role::Primary, ft)?,
     };
     let result = m.run(&mut rec);
     let mut rec = rec.inner;
@@ -372,6 +410,8 @@ pub fn run_backup(
         cfg.mem_mib = u64::from(h.mem_mib);
         cfg.cmdline = h.cmdline.clone();
     }
+    // Beat towards the primary so it can tell this backup is alive.
+    let _heartbeat = heartbeat(Role::Backup, ft)?;
     let held = HeldSerial::default();
     cfg.serial_out = Box::new(held.clone());
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;

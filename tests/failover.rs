@@ -300,3 +300,50 @@ fn a_primary_with_another_guest_image_is_refused() {
     assert_ne!(code, 0);
     assert!(err.contains("image"), "{err}");
 }
+
+#[test]
+fn a_frozen_backup_is_found_dead_by_its_heartbeats() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    let pair = Pair::new("heartbeat");
+    let udp = |off: u16| format!("127.0.0.1:{}", pair.port.wrapping_add(off));
+    let with_heartbeats = |c: &mut Command, local: String, peer: String| {
+        c.args(["--heartbeat-local", &local, "--heartbeat-peer", &peer])
+            .args(["--heartbeat-timeout-ms", "300", "--peer-timeout-ms", "5000"]);
+    };
+    let spawn = |role: &str, local: String, peer: String| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ftvmm"));
+        let addr = format!("127.0.0.1:{}", pair.port);
+        c.args(["run", "--no-stdin", "--cmdline", CMDLINE, "--node-id", role])
+            .arg("--arbiter")
+            .arg(pair.dir.join("arbiter"))
+            .arg("--console-file")
+            .arg(pair.console())
+            .env("FTVMM_KEY", KEY)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        with_heartbeats(&mut c, local, peer);
+        match role {
+            "primary" => c.args(["--primary", "--peer", &addr]),
+            _ => c.args(["--backup", "--listen", &addr]),
+        };
+        c.spawn().unwrap()
+    };
+    let mut backup = spawn("backup", udp(1), udp(2));
+    let primary = spawn("primary", udp(2), udp(1));
+    std::thread::sleep(Duration::from_millis(400));
+    // SIGSTOP: the backup's sockets stay open, it just stops answering.
+    let stopped = Command::new("kill")
+        .args(["-STOP", &backup.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let (code, err) = stderr_of(primary);
+    let _ = backup.kill();
+    let _ = backup.wait();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("heartbeats stopped"), "{err}");
+    assert!(err.contains("primary won the arbiter"), "{err}");
+    check_console(&pair.console());
+}
