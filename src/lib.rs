@@ -4,6 +4,7 @@
 //! them: the bundled guest image and the console plumbing.
 
 pub mod arbiter;
+pub mod config;
 pub mod console;
 pub mod guest;
 pub mod heartbeat;

@@ -17,7 +17,7 @@ use vmm::{Live, Machine, MachineConfig, RunEnd};
 
 /// Fault-tolerant virtual machines on KVM.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -116,6 +116,11 @@ enum ClockArg {
 
 #[derive(Args)]
 struct RunArgs {
+    /// Read options from FILE: one `name = value` per line, named like the
+    /// long options (`peer = "backup:7000"`, `primary = true`); `#` starts a
+    /// comment. Options given after --config override the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     vm: VmArgs,
     /// Do not forward stdin to the guest's serial port.
@@ -384,7 +389,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let args = match ftvmm::config::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ftvmm: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Run(a) => run(*a),
         Command::Record(a) => record(a),

@@ -63,3 +63,38 @@ fn run_help_documents_the_options() {
         assert!(text.contains(opt), "run --help lacks {opt}:\n{text}");
     }
 }
+
+#[test]
+fn a_config_file_supplies_options_and_later_flags_override_it() {
+    if !common::kvm_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ftvmm-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("vm.conf");
+    std::fs::write(
+        &f,
+        "# a small guest\nmem = 2\ncmdline = \"ticks=3 hz=100\"\nno_stdin = true\n",
+    )
+    .unwrap();
+    let out = ftvmm()
+        .args(["run", "--config"])
+        .arg(&f)
+        .args(["--mem", "16"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("cmdline: ticks=3 hz=100"), "{text}");
+
+    std::fs::write(&f, "mem 16\n").unwrap();
+    let (code, err) = stderr_of(ftvmm().args(["run", "--config"]).arg(&f));
+    assert_eq!(code, 1);
+    assert!(err.contains("vm.conf line 1"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
