@@ -57,6 +57,7 @@ fn ft_options(dir: &Path) -> FtOptions {
         lag_bound: None,
         heartbeat: None,
         heartbeat_timeout: Duration::from_secs(2),
+        lag_time_bound: Duration::from_secs(1),
     }
 }
 

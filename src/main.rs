@@ -171,8 +171,11 @@ struct FtArgs {
     /// (default: --peer-timeout-ms).
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
-    /// Log entries the backup may lag behind before the primary is slowed
-    /// (default 10000, about 1 s of a guest taking 10 k inputs a second).
+    /// Milliseconds the backup's replay may fall behind the primary before
+    /// the primary is slowed.
+    #[arg(long, default_value_t = 1000)]
+    lag_bound_ms: u64,
+    /// A cap in log entries on the same lag (default 10000).
     #[arg(long)]
     lag_bound_entries: Option<u64>,
 }
@@ -220,6 +223,7 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
         peer_timeout: Duration::from_millis(f.peer_timeout_ms),
         digest_every: Duration::from_millis(200),
         lag_bound: f.lag_bound_entries,
+        lag_time_bound: Duration::from_millis(f.lag_bound_ms),
         heartbeat: f.heartbeat_local.clone().zip(f.heartbeat_peer.clone()),
         heartbeat_timeout: Duration::from_millis(
             f.heartbeat_timeout_ms.unwrap_or(f.peer_timeout_ms),

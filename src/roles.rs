@@ -53,6 +53,9 @@ pub struct FtOptions {
     pub heartbeat: Option<(String, String)>,
     /// Silence after which heartbeats declare the peer dead.
     pub heartbeat_timeout: Duration,
+    /// How far behind (host time) the backup's replay may fall before the
+    /// primary is slowed.
+    pub lag_time_bound: Duration,
 }
 
 /// The console file, written at stream offsets.
@@ -179,6 +182,34 @@ fn releaser(
     report
 }
 
+/// How far (in host time) the backup's replay is behind: the age of the
+/// oldest entry it has not executed, from samples of the log position taken
+/// at execution points.
+#[derive(Debug, Default)]
+pub struct LagClock {
+    samples: std::collections::VecDeque<(u64, Instant)>,
+}
+
+impl LagClock {
+    /// At this moment `produced` entries exist.
+    pub fn note(&mut self, produced: u64) {
+        if self.samples.back().is_none_or(|(s, _)| *s < produced) {
+            self.samples.push_back((produced, Instant::now()));
+        }
+    }
+
+    /// The lag when the backup has executed every entry up to `executed`.
+    pub fn lag(&mut self, executed: Option<u64>) -> Duration {
+        let done = executed.map_or(0, |e| e + 1);
+        while self.samples.front().is_some_and(|(s, _)| *s <= done) {
+            self.samples.pop_front();
+        }
+        self.samples
+            .front()
+            .map_or(Duration::ZERO, |(_, t)| t.elapsed())
+    }
+}
+
 /// The recorder, slowed down while the backup's replay lags too far behind
 /// (the channel's lag bound), so a failover never has far to catch up, and
 /// stopped when the backup's heartbeats stop.
@@ -186,6 +217,8 @@ struct Throttled {
     inner: Recorder<Arc<PrimarySender>>,
     tx: Arc<PrimarySender>,
     heartbeat: Option<Heartbeat>,
+    lag: LagClock,
+    lag_bound: Duration,
 }
 
 impl vmm::Observer for Throttled {
@@ -198,9 +231,17 @@ impl vmm::Observer for Throttled {
                 )));
             }
         }
-        self.tx
-            .throttle()
-            .map_err(|e| vmm::Error::Observer(format!("logging channel: {e}")))?;
+        let channel =
+            |e: ftlog::ChannelError| vmm::Error::Observer(format!("logging channel: {e}"));
+        self.tx.throttle().map_err(channel)?;
+        self.lag.note(self.tx.next_seq());
+        let mut acks = self.tx.acks();
+        while self.lag.lag(acks.executed) > self.lag_bound {
+            acks = self
+                .tx
+                .wait_acks_change(acks, Duration::from_millis(50))
+                .map_err(channel)?;
+        }
         self.inner.at_point(m)
     }
 
@@ -342,6 +383,8 @@ pub fn run_primary(
         inner: Recorder::new(tx.clone(), opts.digest_every),
         tx: tx.clone(),
         heartbeat: heartbeat(Role::Primary, ft)?,
+        lag: LagClock::default(),
+        lag_bound: ft.lag_time_bound,
     };
     let result = m.run(&mut rec);
     let mut rec = rec.inner;
@@ -435,4 +478,29 @@ pub fn run_backup(
     }));
     m.set_live_timers(true);
     Ok(m.run(&mut Live)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_the_age_of_the_oldest_unexecuted_entry() {
+        let mut c = LagClock::default();
+        assert_eq!(c.lag(None), Duration::ZERO);
+        c.note(3); // entries 0..3 exist
+        std::thread::sleep(Duration::from_millis(30));
+        c.note(5);
+        assert!(c.lag(None) >= Duration::from_millis(30));
+        assert!(
+            c.lag(Some(1)) >= Duration::from_millis(30),
+            "entry 2 is still pending"
+        );
+        let after_first = c.lag(Some(2));
+        assert!(
+            after_first < Duration::from_millis(30),
+            "only entries 3 and 4 pending"
+        );
+        assert_eq!(c.lag(Some(4)), Duration::ZERO);
+    }
 }
