@@ -381,8 +381,69 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
         quiet: false,
     })?;
     println!("\n== the replayed guest printed the same digests: it reached the same state");
+    if code == ExitCode::SUCCESS {
+        demo_failover(&dir, args.seconds)?;
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(code)
+}
+
+/// Part two of the demo: a primary and a backup as two processes on
+/// loopback; the primary is killed half way and the backup takes over.
+fn demo_failover(dir: &std::path::Path, seconds: u32) -> Result<()> {
+    use std::process::{Command, Stdio};
+    let arbiter = dir.join("arbiter");
+    std::fs::create_dir_all(&arbiter)
+        .with_context(|| format!("cannot create {}", arbiter.display()))?;
+    let console = dir.join("console.txt");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let cmdline = format!("hz=100 ticks={} digest_every=25", seconds * 100);
+    println!("\n== fault tolerance: a backup and a primary on {addr}; the primary is killed after {:.1} s", seconds as f64 / 2.0);
+    let exe = std::env::current_exe().context("cannot find the ftvmm executable")?;
+    let spawn = |role: &str, flags: [&str; 3]| {
+        Command::new(&exe)
+            .args([
+                "run",
+                "--no-stdin",
+                "--cmdline",
+                &cmdline,
+                "--node-id",
+                role,
+            ])
+            .arg("--arbiter")
+            .arg(&arbiter)
+            .arg("--console-file")
+            .arg(&console)
+            .args(["--peer-timeout-ms", "500"])
+            .args(flags)
+            .env("FTVMM_KEY", "demo key")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start the {role}"))
+    };
+    let mut backup = spawn("backup", ["--backup", "--listen", &addr])?;
+    let mut primary = spawn("primary", ["--primary", "--peer", &addr])?;
+    std::thread::sleep(Duration::from_millis(u64::from(seconds) * 500));
+    let _ = primary.kill();
+    let _ = primary.wait();
+    let seen = std::fs::read(&console).unwrap_or_default().len();
+    println!("== primary killed (kill -9); {seen} console bytes had been released");
+    let status = backup.wait().context("the backup did not finish")?;
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    println!("== the console as an outside reader sees it:\n{text}");
+    println!(
+        "== backup {}: the stream goes on past the failover with no gap",
+        if status.success() {
+            "finished the guest"
+        } else {
+            "failed"
+        }
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
