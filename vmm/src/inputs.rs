@@ -18,11 +18,19 @@ pub enum Input {
     Irq(u8),
     /// Bytes arriving at COM1.
     Serial(Vec<u8>),
+    /// A network frame for the network device.
+    Frame(Vec<u8>),
 }
+
+/// Received frames a host thread may queue before new ones are dropped (as
+/// a NIC drops when its ring is full; TCP recovers).
+pub const FRAME_QUEUE_MAX: usize = 512;
 
 #[derive(Debug, Default)]
 struct Queue {
     serial: VecDeque<u8>,
+    frames: VecDeque<Vec<u8>>,
+    frames_dropped: u64,
     stop: bool,
     kicker: Option<Kicker>,
 }
@@ -67,6 +75,36 @@ impl HostInputs {
         }
     }
 
+    /// Queue a received frame and wake the vCPU. Returns false if the queue
+    /// was full and the frame was dropped.
+    pub fn push_frame(&self, frame: Vec<u8>) -> bool {
+        let r = self.with(|q| {
+            if q.frames.len() >= FRAME_QUEUE_MAX {
+                q.frames_dropped += 1;
+                return (false, None);
+            }
+            q.frames.push_back(frame);
+            (true, q.kicker)
+        });
+        let Some((queued, kicker)) = r else {
+            return false;
+        };
+        if let Some(k) = kicker {
+            k.kick();
+        }
+        queued
+    }
+
+    /// Take the oldest queued frame.
+    pub fn take_frame(&self) -> Option<Vec<u8>> {
+        self.with(|q| q.frames.pop_front()).flatten()
+    }
+
+    /// Frames dropped because the queue was full.
+    pub fn frames_dropped(&self) -> u64 {
+        self.with(|q| q.frames_dropped).unwrap_or(0)
+    }
+
     /// Ask the VM to stop at its next execution point.
     pub fn request_stop(&self) {
         if let Some(Some(k)) = self.with(|q| {
@@ -95,8 +133,9 @@ impl HostInputs {
         .unwrap_or_default()
     }
 
-    /// Block until serial input is queued, a stop is requested, or `deadline`.
-    pub fn wait(&self, deadline: Option<Instant>) -> Wake {
+    /// Block until serial input (or, with `frames`, a frame) is queued, a
+    /// stop is requested, or `deadline`.
+    pub fn wait(&self, deadline: Option<Instant>, frames: bool) -> Wake {
         let (m, cv) = &*self.inner;
         let Ok(mut q) = m.lock() else {
             return Wake::Stop;
@@ -105,7 +144,7 @@ impl HostInputs {
             if q.stop {
                 return Wake::Stop;
             }
-            if !q.serial.is_empty() {
+            if !q.serial.is_empty() || (frames && !q.frames.is_empty()) {
                 return Wake::Ready;
             }
             let now = Instant::now();
@@ -142,16 +181,38 @@ mod tests {
     fn wait_returns_on_deadline_input_and_stop() {
         let h = HostInputs::new();
         let t = Instant::now();
-        assert_eq!(h.wait(Some(t + Duration::from_millis(20))), Wake::Ready);
+        assert_eq!(
+            h.wait(Some(t + Duration::from_millis(20)), true),
+            Wake::Ready
+        );
         assert!(t.elapsed() >= Duration::from_millis(20));
         let h2 = h.clone();
         let th = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(10));
             h2.push_serial(b"x");
         });
-        assert_eq!(h.wait(None), Wake::Ready);
+        assert_eq!(h.wait(None, true), Wake::Ready);
         th.join().unwrap();
         h.request_stop();
-        assert_eq!(h.wait(None), Wake::Stop);
+        assert_eq!(h.wait(None, true), Wake::Stop);
+    }
+
+    #[test]
+    fn frames_wake_the_wait_come_out_in_order_and_overflow_is_counted() {
+        let h = HostInputs::new();
+        let h2 = h.clone();
+        let th = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            h2.push_frame(vec![1]);
+        });
+        assert_eq!(h.wait(None, true), Wake::Ready);
+        th.join().unwrap();
+        for i in 2..=FRAME_QUEUE_MAX as u8 {
+            assert!(h.push_frame(vec![i]));
+        }
+        assert!(!h.push_frame(vec![0]), "the queue is full");
+        assert_eq!(h.frames_dropped(), 1);
+        assert_eq!(h.take_frame(), Some(vec![1]));
+        assert_eq!(h.take_frame(), Some(vec![2]));
     }
 }

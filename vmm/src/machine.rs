@@ -351,11 +351,20 @@ impl Machine {
                 inputs.push(Input::Serial(bytes));
             }
         }
+        // One frame per point: each is its own logged input, delivered only
+        // when the guest has a buffer for it (a frame the guest cannot take
+        // stays queued rather than being dropped at an arbitrary moment).
+        if self.devices.net().is_some_and(|n| n.can_receive()) {
+            if let Some(frame) = self.host.take_frame() {
+                inputs.push(Input::Frame(frame));
+            }
+        }
         inputs
     }
 
     /// Apply one input now. Returns the input as it took effect (serial bytes
-    /// beyond the FIFO's room are dropped, as a real UART would).
+    /// beyond the FIFO's room are dropped, as a real UART would; a frame with
+    /// no receive buffer comes back empty).
     pub fn apply(&mut self, input: &Input) -> Input {
         let mut ctx = crate::devices::DeviceCtx::new(self.clock.now_ns());
         let applied = match input {
@@ -366,6 +375,13 @@ impl Machine {
             Input::Serial(bytes) => {
                 let n = self.devices.serial.receive(bytes, &mut ctx);
                 Input::Serial(bytes[..n].to_vec())
+            }
+            Input::Frame(frame) => {
+                if self.devices.receive_frame(frame, &mut ctx) {
+                    input.clone()
+                } else {
+                    Input::Frame(Vec::new())
+                }
             }
         };
         self.devices.route_irqs(&mut ctx);
@@ -389,7 +405,9 @@ impl Machine {
         let at = deadline
             .filter(|_| self.live_timers)
             .map(|d| self.clock.instant_at(d));
-        self.host.wait(at) == crate::inputs::Wake::Ready
+        // A frame the guest has no buffer for cannot wake it.
+        let frames = self.devices.net().is_some_and(|n| n.can_receive());
+        self.host.wait(at, frames) == crate::inputs::Wake::Ready
     }
 
     /// Ask KVM for an interrupt, or for an exit when one can be taken.

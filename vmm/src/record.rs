@@ -41,6 +41,10 @@ pub fn input_entry(input: &Input) -> EntryKind {
         Input::Serial(bytes) => EntryKind::SerialInput {
             bytes: bytes.clone(),
         },
+        Input::Frame(bytes) => EntryKind::RxFrame {
+            queue: 0,
+            bytes: bytes.clone(),
+        },
     }
 }
 

@@ -203,6 +203,15 @@ impl<S: LogSource> Observer for Replayer<S> {
                         )));
                     }
                 }
+                EntryKind::RxFrame { bytes, .. } => {
+                    let applied = m.apply(&Input::Frame(bytes.clone()));
+                    if applied != Input::Frame(bytes.clone()) {
+                        return Err(diverged(format!(
+                            "{}: the guest had no receive buffer for it, unlike on the primary",
+                            describe(&e)
+                        )));
+                    }
+                }
                 EntryKind::Digest { value } => self.check_digest(m, &e, value)?,
                 EntryKind::Inject { .. } => return Ok(Flow::Continue),
                 // A read is matched when the guest makes it (`on_read`); with

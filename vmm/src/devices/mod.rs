@@ -7,6 +7,7 @@
 mod api;
 pub mod bus;
 pub mod ftclock;
+pub mod net;
 pub mod pic;
 pub mod pit;
 pub mod serial;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use bus::Bus;
 use ftclock::{Entropy, FtClock, FtClockState, Power, FTCLOCK_LEN, FTCLOCK_PORT, POWER_PORT};
+use net::{NetDevice, NetState};
 use pic::{Chip, Pic, PicState};
 use pit::{Pit, PitState};
 use serial::{SerialOut, Uart, UartState};
@@ -56,6 +58,9 @@ pub struct DevicesState {
     pub serial: UartState,
     /// ftclock.
     pub ftclock: FtClockState,
+    /// The network device, if one is attached.
+    #[serde(default)]
+    pub net: Option<NetState>,
 }
 
 /// All devices and their buses.
@@ -72,6 +77,9 @@ pub struct Devices {
     pio: Bus<PioDevice>,
     mmio: Bus<usize>,
     mmio_devices: Vec<Box<dyn BusDevice>>,
+    net: Option<Box<dyn NetDevice>>,
+    /// A snapshot's network state, applied when the device is attached.
+    net_restore: Option<NetState>,
 }
 
 fn platform_bus() -> Bus<PioDevice> {
@@ -104,6 +112,8 @@ impl Devices {
             pio: platform_bus(),
             mmio: Bus::new(),
             mmio_devices: Vec::new(),
+            net: None,
+            net_restore: None,
         }
     }
 
@@ -123,6 +133,8 @@ impl Devices {
             pio: platform_bus(),
             mmio: Bus::new(),
             mmio_devices: Vec::new(),
+            net: None,
+            net_restore: s.net.clone(),
         })
     }
 
@@ -133,7 +145,34 @@ impl Devices {
             pit: self.pit.state(now_ns),
             serial: self.serial.state(),
             ftclock: self.ftclock.state(),
+            net: self.net.as_ref().map(|n| n.state()),
         }
+    }
+
+    /// Attach the network device at [`net::NET_MMIO_BASE`]. After a restore
+    /// it takes the snapshot's network state.
+    pub fn attach_net(&mut self, mut dev: Box<dyn NetDevice>) -> Result<(), String> {
+        if let Some(s) = self.net_restore.take() {
+            dev.restore(&s)?;
+        }
+        self.net = Some(dev);
+        Ok(())
+    }
+
+    /// The network device, if attached.
+    pub fn net(&mut self) -> Option<&mut (dyn NetDevice + 'static)> {
+        self.net.as_deref_mut()
+    }
+
+    /// Deliver a received frame (at a point). False: no receive buffer, or
+    /// no device; nothing changed.
+    pub fn receive_frame(&mut self, frame: &[u8], ctx: &mut DeviceCtx) -> bool {
+        let Some(dev) = self.net.as_deref_mut() else {
+            return false;
+        };
+        let done = dev.receive(frame, ctx);
+        self.route_irqs(ctx);
+        done
     }
 
     /// A guest port read. Returns how replay must treat the value.
@@ -191,6 +230,11 @@ impl Devices {
 
     /// A guest MMIO read.
     pub fn mmio_read(&mut self, addr: u64, data: &mut [u8], ctx: &mut DeviceCtx) -> ReadClass {
+        if let (Some(off), Some(dev)) = (net::in_window(addr), self.net.as_deref_mut()) {
+            let class = read_dev(dev, off, data, ctx);
+            self.route_irqs(ctx);
+            return class;
+        }
         let class = match self.mmio.find(addr) {
             Some((i, off)) => match self.mmio_devices.get_mut(i) {
                 Some(dev) => read_dev(dev.as_mut(), off, data, ctx),
@@ -207,7 +251,9 @@ impl Devices {
 
     /// A guest MMIO write.
     pub fn mmio_write(&mut self, addr: u64, data: &[u8], ctx: &mut DeviceCtx) {
-        if let Some((i, off)) = self.mmio.find(addr) {
+        if let (Some(off), Some(dev)) = (net::in_window(addr), self.net.as_deref_mut()) {
+            dev.write(off, data, ctx);
+        } else if let Some((i, off)) = self.mmio.find(addr) {
             if let Some(dev) = self.mmio_devices.get_mut(i) {
                 dev.write(off, data, ctx);
             }
