@@ -58,6 +58,7 @@ fn ft_options(dir: &Path) -> FtOptions {
         heartbeat: None,
         heartbeat_timeout: Duration::from_secs(2),
         lag_time_bound: Duration::from_secs(1),
+        net: None,
     }
 }
 

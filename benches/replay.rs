@@ -64,6 +64,7 @@ fn measure(backend: ExecBackend, cmdline: &str) -> Row {
     let opts = RecordOptions {
         backend,
         digest_every: Some(Duration::from_millis(200)),
+        net_mac: None,
     };
     let writer = LogWriter::new(Vec::new(), &header_for(GUEST_ELF, &c, &opts)).unwrap();
     let mut rec = Recorder::new(writer, opts.digest_every);

@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod guest;
 pub mod heartbeat;
+pub mod net;
 pub mod roles;
 pub mod rr;
 pub mod status;

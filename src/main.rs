@@ -127,7 +127,39 @@ struct RunArgs {
     #[arg(long)]
     no_stdin: bool,
     #[command(flatten)]
+    net: NetArgs,
+    #[command(flatten)]
     ft: FtArgs,
+}
+
+/// The guest's network device.
+#[derive(Args)]
+struct NetArgs {
+    /// Give the guest a virtio-net device (virtio-mmio at 0xd0000000, IRQ 5)
+    /// backed by this host TAP interface. A primary uses it from the start, a
+    /// backup only once it goes live.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
+    /// The guest's MAC address (a backup takes the primary's).
+    #[arg(
+        long,
+        value_name = "MAC",
+        default_value = "52:54:00:12:34:56",
+        requires = "tap"
+    )]
+    mac: String,
+}
+
+impl NetArgs {
+    fn options(&self) -> Result<Option<ftvmm::net::NetOptions>> {
+        let Some(tap) = &self.tap else {
+            return Ok(None);
+        };
+        Ok(Some(ftvmm::net::NetOptions {
+            tap: tap.clone(),
+            mac: netdev::parse_mac(&self.mac)?,
+        }))
+    }
 }
 
 /// Fault tolerance: run as a primary or a backup.
@@ -228,6 +260,7 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
         heartbeat_timeout: Duration::from_millis(
             f.heartbeat_timeout_ms.unwrap_or(f.peer_timeout_ms),
         ),
+        net: args.net.options()?,
     };
     let cfg = args.vm.config();
     let end = if f.primary {
@@ -252,6 +285,13 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if !args.no_stdin {
         console::forward_stdin(m.host_inputs());
     }
+    let _tap = match args.net.options()? {
+        Some(n) => {
+            ftvmm::net::attach(&mut m, n.mac, Box::new(|_| {}))?;
+            Some(ftvmm::net::go_live(&mut m, &n)?)
+        }
+        None => None,
+    };
     let start = Instant::now();
     let end = m.run(&mut Live).context("the VM failed")?;
     let secs = start.elapsed().as_secs_f64();
@@ -287,6 +327,7 @@ fn record(args: RecordArgs) -> Result<ExitCode> {
     let opts = RecordOptions {
         backend,
         digest_every: (args.digest_ms > 0).then(|| Duration::from_millis(args.digest_ms)),
+        net_mac: None,
     };
     let progress = Progress::new();
     status::spawn("record", progress.clone(), Duration::from_secs(2));

@@ -28,6 +28,7 @@ use vmm::{Live, Machine, MachineConfig, RunEnd};
 
 use crate::arbiter::{Arbiter, Outcome};
 use crate::heartbeat::{Heartbeat, HeartbeatConfig, Role};
+use crate::net::{self, LiveTap, NetOptions};
 use crate::rr::{header_for, RecordOptions};
 
 /// What both roles need besides the VM.
@@ -56,6 +57,17 @@ pub struct FtOptions {
     /// How far behind (host time) the backup's replay may fall before the
     /// primary is slowed.
     pub lag_time_bound: Duration,
+    /// The guest's network device and the TAP the live side uses.
+    pub net: Option<NetOptions>,
+}
+
+/// An output to the outside world, held by the output gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Output {
+    /// Console bytes at this stream offset.
+    Console(u64, Vec<u8>),
+    /// A network frame.
+    Frame(Vec<u8>),
 }
 
 /// The console file, written at stream offsets.
@@ -83,7 +95,7 @@ impl ConsoleFile {
 /// Serial output on the primary: tagged with the last log entry and held in
 /// the gate until the backup has it.
 struct GatedSerial {
-    gate: OutputGate<(u64, Vec<u8>)>,
+    gate: OutputGate<Output>,
     tx: Arc<PrimarySender>,
     offset: u64,
 }
@@ -91,7 +103,8 @@ struct GatedSerial {
 impl Write for GatedSerial {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let tag = self.tx.next_seq().checked_sub(1);
-        self.gate.hold(tag, (self.offset, buf.to_vec()));
+        self.gate
+            .hold(tag, Output::Console(self.offset, buf.to_vec()));
         self.offset += buf.len() as u64;
         Ok(buf.len())
     }
@@ -143,6 +156,8 @@ pub struct PrimaryReport {
     pub end: Option<RunEnd>,
     /// How long each console write was held by the output rule.
     pub output_delays: Vec<Duration>,
+    /// How long each network frame was held by the output rule.
+    pub frame_delays: Vec<Duration>,
     /// Channel round trips (write of a batch to its ack), sampled.
     pub ack_latencies: Vec<Duration>,
     /// Log bytes written to the channel.
@@ -153,32 +168,51 @@ pub struct PrimaryReport {
 
 /// Release gated output as acks arrive, until `done`.
 fn releaser(
-    gate: OutputGate<(u64, Vec<u8>)>,
+    gate: OutputGate<Output>,
     tx: Arc<PrimarySender>,
     console: ConsoleFile,
+    tap: Option<netdev::Tap>,
     done: Arc<std::sync::atomic::AtomicBool>,
 ) -> PrimaryReport {
     let mut report = PrimaryReport::default();
     let mut seen = Acks::default();
-    let release = |report: &mut PrimaryReport| {
-        for r in gate.take_released() {
-            console.put(r.item.0, &r.item.1);
-            report.output_delays.push(r.held_for);
+    let put = |report: &mut PrimaryReport, released: Vec<netdev::Released<Output>>| {
+        for r in released {
+            match r.item {
+                Output::Console(offset, bytes) => {
+                    console.put(offset, &bytes);
+                    report.output_delays.push(r.held_for);
+                }
+                Output::Frame(frame) => {
+                    if let Some(t) = &tap {
+                        t.send_logged(&frame);
+                    }
+                    report.frame_delays.push(r.held_for);
+                }
+            }
         }
     };
     while !done.load(std::sync::atomic::Ordering::Acquire) {
-        if let Ok(a) = tx.wait_acks_change(seen, Duration::from_millis(20)) {
-            if a != seen {
-                report.ack_latencies.extend(tx.stats().ack_latency);
+        match tx.wait_acks_change(seen, Duration::from_millis(20)) {
+            Ok(a) => {
+                if a != seen {
+                    report.ack_latencies.extend(tx.stats().ack_latency);
+                }
+                seen = a;
             }
-            seen = a;
+            // No more acks (the gate is opened or discarded by the vCPU
+            // thread): wait on the gate itself rather than spin.
+            Err(_) => {
+                put(&mut report, gate.wait_released(Duration::from_millis(20)));
+                continue;
+            }
         }
         if let Some(r) = seen.received {
             gate.ack(r);
         }
-        release(&mut report);
+        put(&mut report, gate.take_released());
     }
-    release(&mut report);
+    put(&mut report, gate.take_released());
     report
 }
 
@@ -263,7 +297,7 @@ impl vmm::Observer for Throttled {
 /// A status line every 2 s: entries, bytes, ack latency, lag, held output.
 fn spawn_status(
     tx: Arc<PrimarySender>,
-    gate: OutputGate<(u64, Vec<u8>)>,
+    gate: OutputGate<Output>,
     done: Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -362,6 +396,7 @@ pub fn run_primary(
     let opts = RecordOptions {
         backend: ftlog::ExecBackend::Exits,
         digest_every: Some(ft.digest_every),
+        net_mac: ft.net.as_ref().map(|n| n.mac),
     };
     let header = header_for(image, &cfg, &opts);
     let tx = Arc::new(connect(peer, &channel_config(ft), &header)?);
@@ -372,12 +407,27 @@ pub fn run_primary(
         tx: tx.clone(),
         offset: 0,
     });
+    let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
+    // The primary reads its TAP from the start; what it sends waits in the
+    // gate like console output.
+    let live_tap = match &ft.net {
+        Some(n) => {
+            let (g, t) = (gate.clone(), tx.clone());
+            net::attach(
+                &mut m,
+                n.mac,
+                Box::new(move |f| g.hold(t.next_seq().checked_sub(1), Output::Frame(f))),
+            )?;
+            Some(LiveTap::open(&n.tap, &m)?)
+        }
+        None => None,
+    };
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rel = {
         let (g, t, c, d) = (gate.clone(), tx.clone(), console.clone(), done.clone());
-        std::thread::spawn(move || releaser(g, t, c, d))
+        let tap = live_tap.as_ref().map(|l| l.tap().clone());
+        std::thread::spawn(move || releaser(g, t, c, tap, d))
     };
-    let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
     let status = spawn_status(tx.clone(), gate.clone(), done.clone());
     let mut rec = Throttled {
         inner: Recorder::new(tx.clone(), opts.digest_every),
@@ -414,6 +464,7 @@ pub fn run_primary(
     done.store(true, std::sync::atomic::Ordering::Release);
     let mut report = rel.join().unwrap_or_default();
     let _ = status.join();
+    drop(live_tap);
     let stats = tx.stats();
     report.end = Some(end);
     report.log_bytes = stats.bytes_written;
@@ -453,11 +504,18 @@ pub fn run_backup(
         cfg.mem_mib = u64::from(h.mem_mib);
         cfg.cmdline = h.cmdline.clone();
     }
+    let net = backup_net(h.net_mac, ft.net.as_ref())?;
     // Beat towards the primary so it can tell this backup is alive.
     let _heartbeat = heartbeat(Role::Backup, ft)?;
     let held = HeldSerial::default();
     cfg.serial_out = Box::new(held.clone());
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
+    // The backup's guest sends what the primary's sends; only the primary's
+    // copy may reach the wire, so these are dropped.
+    let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    if let Some(n) = &net {
+        net::attach(&mut m, n.mac, net::discard(dropped.clone()))?;
+    }
     let mut rep = Replayer::new(ChannelSource::new(rx));
     let end = m.run(&mut rep)?;
     let primary_gone = rep.source().ended().map(|e| e.to_string());
@@ -477,7 +535,41 @@ pub fn run_backup(
         offset: produced.len() as u64,
     }));
     m.set_live_timers(true);
+    let _tap = match &net {
+        Some(n) => {
+            let live = net::go_live(&mut m, n)?;
+            eprintln!(
+                "ftvmm: network live on {} ({} frames of the replay dropped); guest MAC announced",
+                n.tap,
+                dropped.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            Some(live)
+        }
+        None => None,
+    };
     Ok(m.run(&mut Live)?)
+}
+
+/// The backup's network: the primary's MAC (from the log header) on the
+/// backup's own TAP.
+fn backup_net(mac: Option<[u8; 6]>, mine: Option<&NetOptions>) -> Result<Option<NetOptions>> {
+    match (mac, mine) {
+        (None, None) => Ok(None),
+        (None, Some(n)) => {
+            eprintln!(
+                "ftvmm: the primary's guest has no network device; --tap {} is not used",
+                n.tap
+            );
+            Ok(None)
+        }
+        (Some(_), None) => bail!(
+            "the primary's guest has a network device: give the backup --tap NAME for going live"
+        ),
+        (Some(mac), Some(n)) => Ok(Some(NetOptions {
+            tap: n.tap.clone(),
+            mac,
+        })),
+    }
 }
 
 #[cfg(test)]

@@ -42,6 +42,8 @@ pub struct RecordOptions {
     pub backend: ExecBackend,
     /// Host time between state digests.
     pub digest_every: Option<Duration>,
+    /// The guest's network device MAC, if it has one.
+    pub net_mac: Option<[u8; 6]>,
 }
 
 /// What a recording produced.
@@ -66,6 +68,7 @@ pub fn header_for(image: &[u8], cfg: &MachineConfig, opts: &RecordOptions) -> Lo
         cmdline: cfg.cmdline.clone(),
         state_digest: DigestKind::Blake3RegsRam,
         digest_interval_ms: opts.digest_every.map(|d| d.as_millis() as u64),
+        net_mac: opts.net_mac,
     }
 }
 

@@ -34,6 +34,7 @@ fn backup_replays_the_live_channel_and_matches_every_digest() {
     let opts = RecordOptions {
         backend: ExecBackend::Exits,
         digest_every: Some(Duration::from_millis(25)),
+        net_mac: None,
     };
     let header = header_for(GUEST_ELF, &config(cmd, &Capture::new(), true), &opts);
     let listener = BackupListener::bind(

@@ -47,6 +47,7 @@ fn record_to_bytes(image: &[u8], cmdline: &str, backend: ExecBackend) -> (Vec<u8
     let opts = RecordOptions {
         backend,
         digest_every: Some(Duration::from_millis(50)),
+        net_mac: None,
     };
     let writer = LogWriter::new(Vec::new(), &header_for(image, &c, &opts)).unwrap();
     let mut rec = Recorder::new(writer, opts.digest_every);

@@ -25,6 +25,9 @@ pub struct LogHeader {
     /// None if only the final one is logged. Informational: a replayer
     /// checks digests wherever the log has them.
     pub digest_interval_ms: Option<u64>,
+    /// The MAC address of the guest's network device, None if it has none
+    /// (format version 2). The backup builds the same device from it.
+    pub net_mac: Option<[u8; 6]>,
 }
 
 /// How state digests are computed, so a replayer can refuse a log whose

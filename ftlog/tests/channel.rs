@@ -24,6 +24,7 @@ fn header(backend: ExecBackend, image: [u8; 32]) -> LogHeader {
         cmdline: "console=ttyS0".into(),
         state_digest: DigestKind::Blake3RegsRam,
         digest_interval_ms: Some(100),
+        net_mac: None,
     }
 }
 
@@ -276,7 +277,7 @@ fn other_protocol_version_is_refused_naming_both() {
             primary: 7,
             backup: ftlog::channel::PROTOCOL_VERSION,
         },
-        &["version 7", "version 1"],
+        &["version 7", "version 2"],
     );
 }
 

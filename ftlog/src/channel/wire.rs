@@ -14,7 +14,7 @@ use crate::{ExecBackend, FramePos, LogEntry, LogError, LogHeader};
 /// The first eight bytes each side sends.
 pub const CHANNEL_MAGIC: [u8; 8] = *b"FTVMMCHN";
 /// The channel protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Magic plus version.
 pub const CHANNEL_PREAMBLE_LEN: usize = 12;
 /// Length of the handshake nonces and MACs.
@@ -371,6 +371,7 @@ mod tests {
                 cmdline: "console=ttyS0".into(),
                 state_digest: DigestKind::Blake3RegsRam,
                 digest_interval_ms: None,
+                net_mac: Some([1, 2, 3, 4, 5, 6]),
             }),
             Msg::Entry(LogEntry {
                 seq: 9,

@@ -90,6 +90,7 @@ pub fn header() -> LogHeader {
         cmdline: "console=ttyS0".into(),
         state_digest: DigestKind::Blake3RegsRam,
         digest_interval_ms: Some(1000),
+        net_mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
     }
 }
 
@@ -197,15 +198,17 @@ pub fn log_header() -> impl Strategy<Value = LogHeader> {
         any::<u32>(),
         ".{0,80}",
         proptest::option::of(any::<u64>()),
+        proptest::option::of(any::<[u8; 6]>()),
     )
         .prop_map(
-            |(backend, image_digest, mem_mib, cmdline, digest_interval_ms)| LogHeader {
+            |(backend, image_digest, mem_mib, cmdline, digest_interval_ms, net_mac)| LogHeader {
                 backend,
                 image_digest,
                 mem_mib,
                 cmdline,
                 state_digest: DigestKind::Blake3RegsRam,
                 digest_interval_ms,
+                net_mac,
             },
         )
 }
