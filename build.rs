@@ -27,7 +27,8 @@ fn main() {
     let mut cmd = Command::new(cargo);
     cmd.arg("build")
         .arg("--release")
-        .arg("--offline")
+        // The guest's own dependencies (smoltcp) come from its lock file.
+        .arg("--locked")
         .arg("--manifest-path")
         .arg(guest.join("Cargo.toml"))
         .arg("--target")

@@ -212,12 +212,9 @@ impl VirtioNet {
             VIRTIO_MMIO_QUEUE_USED_HIGH => {
                 self.with_queue(|q| q.set_used_ring_address(None, Some(v)))
             }
-            VIRTIO_MMIO_QUEUE_NOTIFY => {
-                // Receive buffers are picked up when the next frame is due.
-                if v as usize == TX_QUEUE {
-                    self.transmit(ctx);
-                }
-            }
+            // Receive buffers are picked up when the next frame is due; only
+            // a transmit notify has work to do now.
+            VIRTIO_MMIO_QUEUE_NOTIFY if v as usize == TX_QUEUE => self.transmit(ctx),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             VIRTIO_MMIO_STATUS => {
                 if v == 0 {

@@ -1,0 +1,200 @@
+//! The networked guest under `redis-benchmark`, in one run: without FT (a
+//! live VM on a TAP) and as an FT pair, then the failover time a client sees
+//! (last reply from the old primary to the first from the new one).
+//!
+//! Needs root, KVM, iproute2 and redis-tools. `cargo bench --bench net`.
+
+#[path = "../tests/common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use netns::{TestNet, GUEST_IP};
+
+const CMDLINE: &str = "net=1 ip=10.99.0.2/24 hz=100 digest_every=0";
+const KEY: &str = "net bench key";
+const REQUESTS: &str = "2000";
+const CLIENTS: &str = "4";
+
+fn ftvmm(net: &TestNet, dir: &Path, role: Option<&str>) -> Child {
+    let mut c = net.host_command(env!("CARGO_BIN_EXE_ftvmm"));
+    c.args(["run", "--no-stdin", "--cmdline", CMDLINE])
+        .env("FTVMM_KEY", KEY)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("stdout.txt")).unwrap())
+        .stderr(Stdio::null());
+    let common = |c: &mut std::process::Command, role: &str| {
+        c.arg("--arbiter")
+            .arg(dir.join("arbiter"))
+            .arg("--console-file")
+            .arg(dir.join("console.txt"))
+            .args(["--node-id", role, "--peer-timeout-ms", "500"]);
+    };
+    match role {
+        None => {
+            c.args(["--tap", "tap-p"]);
+        }
+        Some("primary") => {
+            common(&mut c, "primary");
+            c.args(["--primary", "--peer", "127.0.0.1:7200", "--tap", "tap-p"]);
+        }
+        Some(_) => {
+            common(&mut c, "backup");
+            c.args(["--backup", "--listen", "127.0.0.1:7200", "--tap", "tap-b"]);
+        }
+    }
+    c.spawn().unwrap()
+}
+
+fn wait_for(path: &Path, what: &str) {
+    let start = Instant::now();
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(what)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no {what:?} in {path:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// (test, requests/s, p50 ms, p99 ms) from redis-benchmark's CSV.
+fn benchmark(net: &TestNet) -> Vec<(String, f64, f64, f64)> {
+    let out = net
+        .client_command("redis-benchmark")
+        .args(["-h", GUEST_IP, "-t", "ping,set,get,incr", "-n", REQUESTS])
+        .args(["-c", CLIENTS, "--csv"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-benchmark (redis-tools)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<String> = l
+                .split(',')
+                .map(|x| x.trim_matches('"').to_string())
+                .collect();
+            Some((
+                f.first()?.clone(),
+                f.get(1)?.parse().ok()?,
+                f.get(4)?.parse().ok()?,
+                f.get(6)?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+fn kill(c: &mut Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ftvmm-netbench-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("arbiter")).unwrap();
+    d
+}
+
+fn plain() -> Vec<(String, f64, f64, f64)> {
+    let net = TestNet::new("bp");
+    let dir = tmp("plain");
+    let mut vm = ftvmm(&net, &dir, None);
+    wait_for(&dir.join("stdout.txt"), "net mac ");
+    let r = benchmark(&net);
+    kill(&mut vm);
+    r
+}
+
+fn pair(net: &TestNet, dir: &Path) -> (Child, Child) {
+    let b = ftvmm(net, dir, Some("backup"));
+    let p = ftvmm(net, dir, Some("primary"));
+    wait_for(&dir.join("console.txt"), "net mac ");
+    (p, b)
+}
+
+fn with_ft() -> Vec<(String, f64, f64, f64)> {
+    let net = TestNet::new("bf");
+    let dir = tmp("ft");
+    let (mut p, mut b) = pair(&net, &dir);
+    let r = benchmark(&net);
+    kill(&mut p);
+    kill(&mut b);
+    r
+}
+
+/// Client-seen failover: PINGs back to back on one connection; the gap
+/// around the kill of the primary.
+fn failover() -> Duration {
+    let net = TestNet::new("bk");
+    let dir = tmp("kill");
+    let (mut p, mut b) = pair(&net, &dir);
+    let s = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            net.enter_client();
+            TcpStream::connect(format!("{GUEST_IP}:6379")).unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut ping = || -> Instant {
+        w.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert_eq!(l, "+PONG\r\n");
+        Instant::now()
+    };
+    let start = Instant::now();
+    let mut before = ping();
+    while start.elapsed() < Duration::from_millis(500) {
+        before = ping();
+    }
+    kill(&mut p);
+    let gap = ping() - before;
+    kill(&mut b);
+    gap
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let base = plain();
+    let ft = with_ft();
+    println!(
+        "redis-benchmark -t ping,set,get,incr -n {REQUESTS} -c {CLIENTS}, guest `{CMDLINE}`\n"
+    );
+    println!("| test | req/s without FT | req/s with FT | with / without | p50 ms without / with | p99 ms without / with |");
+    println!("|---|---|---|---|---|---|");
+    for (a, b) in base.iter().zip(&ft) {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+            a.0,
+            a.1,
+            b.1,
+            b.1 / a.1,
+            a.2,
+            b.2,
+            a.3,
+            b.3
+        );
+    }
+    let mut gaps: Vec<Duration> = (0..3).map(|_| failover()).collect();
+    gaps.sort();
+    println!(
+        "\nfailover seen by a client (longest gap between PING replies around kill -9 of the primary): median {:?}, min {:?}, max {:?}",
+        gaps[1], gaps[0], gaps[2]
+    );
+}
