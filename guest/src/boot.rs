@@ -4,7 +4,8 @@
 //! interrupts off). It sets up everything the Rust code relies on and calls
 //! `kmain(boot_params)`:
 //! - a stack of its own, `.bss` zeroed;
-//! - identity page tables for the first 1 GiB with 2 MiB pages, U/S set on
+//! - identity page tables for the first 4 GiB with 2 MiB pages (0xc000_0000
+//!   and up uncached: the MMIO hole), U/S set on
 //!   every level so CPL3 code can touch everything (no isolation is wanted);
 //! - a GDT: 0x08 kernel code, 0x10 kernel data, 0x18 user data, 0x20 user
 //!   code (all 64-bit flat), 0x28 the TSS whose RSP0 is the interrupt stack;
@@ -59,19 +60,9 @@ _start:
     xor eax, eax
     rep stosq
 
-    # Identity-map 1 GiB with 2 MiB pages: P | RW | US | PS.
-    lea rdi, [rip + boot_pd]
-    mov eax, 0x87
-    mov ecx, 512
-.Lpd_loop:
-    mov [rdi], rax
-    add rax, 0x200000
-    add rdi, 8
-    dec ecx
-    jnz .Lpd_loop
-    lea rax, [rip + boot_pd]
-    or rax, 7
-    mov [rip + boot_pdpt], rax
+    # Identity-map 4 GiB with 2 MiB pages: the PDPT and its four page
+    # directories are assembled into .data (below), so boot does no per-entry
+    # work at (emulated) CPL0; only the PML4 entry is written here.
     lea rax, [rip + boot_pdpt]
     or rax, 7
     mov [rip + boot_pml4], rax
@@ -231,13 +222,31 @@ idt_ptr:
     .word 256 * 16 - 1
     .quad boot_idt
 
+    # Identity map of 4 GiB: 2048 entries of P | RW | US | PS (0x87) for
+    # 2 MiB pages; from 0xc000_0000 up (the MMIO hole, e.g. virtio-net at
+    # 0xd000_0000) also PCD | PWT (0x9f).
+    .section .data.boot_pt, "aw"
+    .balign 4096
+boot_pd:
+    .set .Lpa, 0
+    .rept 1536
+    .quad .Lpa + 0x87
+    .set .Lpa, .Lpa + 0x200000
+    .endr
+    .rept 512
+    .quad .Lpa + 0x9f
+    .set .Lpa, .Lpa + 0x200000
+    .endr
+boot_pdpt:
+    .quad boot_pd + 0x0007
+    .quad boot_pd + 0x1007
+    .quad boot_pd + 0x2007
+    .quad boot_pd + 0x3007
+    .balign 4096
+
     .section .bss.boot, "aw", @nobits
     .balign 4096
 boot_pml4:
-    .skip 4096
-boot_pdpt:
-    .skip 4096
-boot_pd:
     .skip 4096
 boot_idt:
     .skip 4096

@@ -28,7 +28,21 @@ pub struct Config {
     pub digest_every: u64,
     /// Run the workload at CPL3 (else CPL0).
     pub user: bool,
+    /// `net=1`: run the virtio-net Redis server instead of the hash workload.
+    pub net: bool,
+    /// `ip=A.B.C.D/N`: the address (big-endian octets in a u32) and prefix.
+    pub ip: u32,
+    pub prefix: u8,
+    /// `gw=A.B.C.D`: default IPv4 gateway; 0 = none.
+    pub gw: u32,
+    /// `port=N`: TCP port of the server.
+    pub port: u16,
 }
+
+/// 10.99.0.2/24.
+pub const DEFAULT_IP: u32 = 0x0a63_0002;
+pub const DEFAULT_PREFIX: u8 = 24;
+pub const DEFAULT_PORT: u16 = 6379;
 
 /// The NUL-terminated command line the loader left in guest memory.
 ///
@@ -74,6 +88,11 @@ pub fn parse(line: &[u8]) -> Config {
     let mut work = DEFAULT_WORK;
     let mut digest_every = None;
     let mut user = true;
+    let mut net = false;
+    let mut ip = DEFAULT_IP;
+    let mut prefix = DEFAULT_PREFIX;
+    let mut gw = 0;
+    let mut port = DEFAULT_PORT;
     for word in line.split(|&b| b == b' ').filter(|w| !w.is_empty()) {
         let (key, value) = match word.iter().position(|&b| b == b'=') {
             Some(i) => (&word[..i], &word[i + 1..]),
@@ -101,7 +120,30 @@ pub fn parse(line: &[u8]) -> Config {
                 user = v == 1;
                 true
             }
-            (b"hz" | b"ticks" | b"work" | b"digest_every" | b"user", _) => false,
+            (b"net", Some(v @ (0 | 1))) => {
+                net = v == 1;
+                true
+            }
+            (b"port", Some(v @ 1..=65535)) => {
+                port = v as u16;
+                true
+            }
+            (b"ip", _) => match parse_cidr(value) {
+                Some((a, n)) => {
+                    ip = a;
+                    prefix = n;
+                    true
+                }
+                None => false,
+            },
+            (b"gw", _) => match parse_ipv4(value) {
+                Some(a) => {
+                    gw = a;
+                    true
+                }
+                None => false,
+            },
+            (b"hz" | b"ticks" | b"work" | b"digest_every" | b"user" | b"net" | b"port", _) => false,
             _ => {
                 warn("unknown key", word);
                 continue;
@@ -117,6 +159,37 @@ pub fn parse(line: &[u8]) -> Config {
         work,
         digest_every: digest_every.unwrap_or(u64::from(hz)),
         user,
+        net,
+        ip,
+        prefix,
+        gw,
+        port,
+    }
+}
+
+/// `A.B.C.D`, each part 0..=255, as a u32 with A in the top byte.
+fn parse_ipv4(s: &[u8]) -> Option<u32> {
+    let mut ip = 0u32;
+    let mut parts = 0;
+    for part in s.split(|&b| b == b'.') {
+        if part.len() > 3 {
+            return None;
+        }
+        let v = parse_u64(part).filter(|v| *v <= 255)?;
+        ip = (ip << 8) | v as u32;
+        parts += 1;
+    }
+    (parts == 4).then_some(ip)
+}
+
+/// `A.B.C.D/N` (N = 0..=32), or `A.B.C.D` meaning /24.
+fn parse_cidr(s: &[u8]) -> Option<(u32, u8)> {
+    match s.iter().position(|&b| b == b'/') {
+        Some(i) => {
+            let n = parse_u64(&s[i + 1..]).filter(|n| *n <= 32)?;
+            Some((parse_ipv4(&s[..i])?, n as u8))
+        }
+        None => Some((parse_ipv4(s)?, DEFAULT_PREFIX)),
     }
 }
 

@@ -41,12 +41,17 @@ pub fn dispatch(frame: &mut Frame) {
             kernel::sleep_syscall(frame);
             frame.rip += workload::SYSCALL_LEN;
         }
+        UD if workload::is_ctl(frame.rip) => {
+            kernel::ctl_syscall(frame);
+            frame.rip += workload::SYSCALL_LEN;
+        }
         0..=31 => exception(frame),
         v if (IRQ_BASE..IRQ_BASE + 16).contains(&v) => {
             let irq = (v - IRQ_BASE) as u8;
             match irq {
                 0 => kernel::timer_irq(frame),
                 4 => kernel::uart_irq(),
+                5 => kernel::net_irq(frame),
                 _ => pic::unexpected(irq),
             }
         }

@@ -6,11 +6,11 @@
 //! `static mut` is needed (a single CPU: relaxed loads/stores suffice).
 
 use core::arch::asm;
-use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 
 use crate::cmdline::Config;
 use crate::idt::Frame;
-use crate::{pic, pit, power, serial};
+use crate::{pic, pit, power, serial, workload};
 
 /// Timer ticks so far. The user loop reads it every iteration.
 static TICKS: AtomicU64 = AtomicU64::new(0);
@@ -26,6 +26,12 @@ static STOP_AT: AtomicU64 = AtomicU64::new(0);
 /// `digest_every=` (0 = never), and the tick the next digest line is for.
 static DIGEST_EVERY: AtomicU64 = AtomicU64::new(0);
 static NEXT_DIGEST: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// `net=1`: the sleep syscall also wakes on the network IRQ.
+static NET_MODE: AtomicBool = AtomicBool::new(false);
+/// Set by the IRQ5 (virtio-net) ISR, cleared by the sleep syscall, which
+/// reports it to the CPL3 server loop.
+static NET_PENDING: AtomicBool = AtomicBool::new(false);
 
 /// Received bytes waiting to be echoed by the syscall path.
 const RX_LEN: usize = 64;
@@ -83,6 +89,36 @@ pub fn timer_irq(frame: &Frame) {
     pic::eoi(0);
 }
 
+/// Switches the sleep syscall to net mode (before entering CPL3).
+pub fn set_net_mode() {
+    NET_MODE.store(true, Relaxed);
+}
+
+/// IRQ5 (virtio-net): note it for the sleep syscall and fold in where it
+/// landed. Deliberately tiny (CPL0 is emulated): the device's
+/// InterruptStatus is read and acknowledged at CPL3 after the wake.
+pub fn net_irq(frame: &Frame) {
+    NET_PENDING.store(true, Relaxed);
+    mix_state(0x500);
+    mix_state(frame.rip);
+    pic::eoi(5);
+}
+
+/// The control syscall (net mode, see `workload::sys_ctl`).
+pub fn ctl_syscall(frame: &Frame) {
+    match frame.rax {
+        workload::CTL_WRITE => {
+            // SAFETY: the CPL3 server passes a live slice; all memory is
+            // identity-mapped.
+            let s =
+                unsafe { core::slice::from_raw_parts(frame.rdi as *const u8, frame.rsi as usize) };
+            serial::put_bytes(s);
+        }
+        workload::CTL_POWEROFF => power::off(frame.rdi as u8),
+        _ => {}
+    }
+}
+
 /// IRQ4: take every received byte; the syscall path echoes them.
 pub fn uart_irq() {
     drain_uart();
@@ -126,8 +162,9 @@ fn digest(h: u64) -> u64 {
 static STEPS: AtomicU64 = AtomicU64::new(0);
 
 /// The sleep syscall, RAX = the workload's hash, RDX = steps done: print what is due, stop if the
-/// tick budget is spent, else sleep until the next timer tick.
-pub fn sleep_syscall(frame: &Frame) {
+/// tick budget is spent, else sleep until the next timer tick (net mode: or
+/// the next network interrupt; RAX returns 1 if one is pending, else 0).
+pub fn sleep_syscall(frame: &mut Frame) {
     let h = frame.rax;
     STEPS.fetch_add(frame.rdx, Relaxed);
     echo_rx();
@@ -156,6 +193,19 @@ pub fn sleep_syscall(frame: &Frame) {
         power::off(0);
     }
     update_break_at();
+    if NET_MODE.load(Relaxed) {
+        // Wake on the next tick or network interrupt, whichever comes first;
+        // one that arrived since the server last looked returns at once.
+        // Checked with IF clear, and `sti; hlt` leaves no window between.
+        while TICKS.load(Relaxed) == now && !NET_PENDING.load(Relaxed) {
+            // SAFETY: as below.
+            unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
+        }
+        let net = NET_PENDING.load(Relaxed);
+        NET_PENDING.store(false, Relaxed);
+        frame.rax = u64::from(net);
+        return;
+    }
     // Nothing can change TICKS before the `hlt`: IF is clear, and `sti`
     // only takes effect after the next instruction.
     while TICKS.load(Relaxed) == now {

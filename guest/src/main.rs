@@ -15,6 +15,7 @@ mod idt;
 mod io;
 mod kernel;
 mod mem;
+mod net;
 mod pic;
 mod pit;
 mod power;
@@ -50,11 +51,17 @@ extern "C" fn kmain(boot_params: usize) -> ! {
     serial::puts("\n");
 
     kernel::start(&cfg, clock, seed);
+    if cfg.net {
+        net::start(&cfg, seed)
+    }
     workload::run(cfg.user, cfg.work, seed)
 }
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
+    if workload::at_cpl3() {
+        user_panic(info);
+    }
     serial::puts("panic");
     if let Some(loc) = info.location() {
         serial::puts(" at ");
@@ -64,4 +71,21 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     }
     serial::puts("\n");
     power::off(0xef)
+}
+
+/// A panic at CPL3 (the network service): no port I/O there, so print and
+/// power off through the control syscall. Kept out of `panic` so that the
+/// CPL0 path stays free of SSE arithmetic.
+#[inline(never)]
+fn user_panic(info: &core::panic::PanicInfo) -> ! {
+    let mut line = net::Line::new();
+    line.bytes(b"panic");
+    if let Some(loc) = info.location() {
+        line.bytes(b" at ")
+            .bytes(loc.file().as_bytes())
+            .bytes(b":")
+            .dec(u64::from(loc.line()));
+    }
+    line.bytes(b"\n").print();
+    workload::user_poweroff(0xef)
 }

@@ -26,6 +26,12 @@ pub fn init() {
     }
 }
 
+/// Also unmasks IRQ5 (virtio-net, net mode only).
+pub fn unmask_net() {
+    // SAFETY: OCW1 on the master: the mask `init` set, minus IRQ5.
+    unsafe { io::outb(MASTER_DATA, !((1 << 0) | (1 << 2) | (1 << 4) | (1 << 5))) };
+}
+
 /// Non-specific EOI for `irq` (both chips for slave IRQs).
 pub fn eoi(irq: u8) {
     // SAFETY: the PIC command ports; OCW2 non-specific EOI.

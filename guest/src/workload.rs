@@ -21,6 +21,10 @@ pub const SYSCALL_LEN: u64 = 2;
 extern "C" {
     /// The syscall stub: `ud2; ret`, RAX = the hash. Preserves all registers.
     fn sys_sleep();
+    /// The control syscall (net mode): `ud2; ret`, RAX = operation
+    /// (`CTL_WRITE`: print RSI bytes at RDI; `CTL_POWEROFF`: power off with
+    /// exit code DIL). Preserves all registers.
+    fn sys_ctl();
 }
 
 core::arch::global_asm!(
@@ -29,13 +33,64 @@ core::arch::global_asm!(
 sys_sleep:
     ud2
     ret
+sys_ctl:
+    ud2
+    ret
     .popsection
 "#
 );
 
+/// `sys_ctl` operations.
+pub const CTL_WRITE: u64 = 1;
+pub const CTL_POWEROFF: u64 = 2;
+
 /// Whether a #UD at `rip` is the syscall.
 pub fn is_syscall(rip: u64) -> bool {
     rip == sys_sleep as unsafe extern "C" fn() as usize as u64
+}
+
+/// Whether a #UD at `rip` is the control syscall.
+pub fn is_ctl(rip: u64) -> bool {
+    rip == sys_ctl as unsafe extern "C" fn() as usize as u64
+}
+
+/// CPL3 side of the sleep syscall in net mode: RAX = hash, RDX = count for
+/// `work steps`. Returns whether a network interrupt was pending or arrived
+/// (the syscall returns at the next timer tick or network interrupt).
+pub fn user_sleep(h: u64, steps: u64) -> bool {
+    let r: u64;
+    // SAFETY: the #UD handler preserves every register but RAX (the result)
+    // and the SSE state; no red zone, so `call` on our stack is fine.
+    unsafe { asm!("call {f}", f = sym sys_sleep, inlateout("rax") h => r, in("rdx") steps) };
+    r & 1 != 0
+}
+
+/// CPL3: prints `s` on the console (COM1) through the kernel.
+pub fn user_write(s: &[u8]) {
+    // SAFETY: the kernel only reads `s`; all registers are preserved.
+    unsafe {
+        asm!("call {f}", f = sym sys_ctl, in("rax") CTL_WRITE, in("rdi") s.as_ptr(),
+             in("rsi") s.len(), options(readonly))
+    };
+}
+
+/// CPL3: powers the VM off with `code`.
+pub fn user_poweroff(code: u8) -> ! {
+    // SAFETY: the syscall does not return.
+    unsafe {
+        asm!("call {f}", f = sym sys_ctl, in("rax") CTL_POWEROFF, in("rdi") u64::from(code));
+    }
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Whether the CPU runs at CPL3 (CS.RPL; `mov r, cs` works at any level).
+pub fn at_cpl3() -> bool {
+    let cs: u64;
+    // SAFETY: reads the CS selector only.
+    unsafe { asm!("mov {0:r}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    cs & 3 == 3
 }
 
 /// Enters the workload and never comes back (the syscall powers off).
@@ -46,8 +101,13 @@ pub fn run(user: bool, work: u64, seed: u64) -> ! {
         unsafe { asm!("sti", options(nomem, nostack)) };
         user_main(work, seed);
     }
+    enter_user(user_main, work, seed)
+}
+
+/// Enters `entry(a0, a1)` at CPL3 on the user stack with interrupts on.
+pub fn enter_user(entry: extern "C" fn(u64, u64) -> !, a0: u64, a1: u64) -> ! {
     // SAFETY: an iretq frame for CPL3: the user stack, IF set (0x202), and
-    // user_main with its two arguments in RDI/RSI per the C ABI. The GDT has
+    // `entry` with its two arguments in RDI/RSI per the C ABI. The GDT has
     // the user selectors and the TSS gives interrupts a kernel stack.
     unsafe {
         asm!(
@@ -60,9 +120,9 @@ pub fn run(user: bool, work: u64, seed: u64) -> ! {
             ss = in(reg) boot::USER_SS,
             rsp = in(reg) boot::user_stack_top(),
             cs = in(reg) boot::USER_CS,
-            rip = in(reg) user_main as extern "C" fn(u64, u64) -> ! as usize,
-            in("rdi") work,
-            in("rsi") seed,
+            rip = in(reg) entry as usize,
+            in("rdi") a0,
+            in("rsi") a1,
             options(noreturn),
         )
     }
