@@ -21,7 +21,7 @@ pub struct NetOptions {
 
 /// Put a virtio-net device with `mac` on `m`, sending frames to `out`.
 pub fn attach(m: &mut Machine, mac: [u8; 6], out: FrameOut) -> Result<()> {
-    let dev = VirtioNet::new(m.memory().clone(), mac, out);
+    let dev = VirtioNet::new(m.memory().clone(), mac, out)?;
     m.devices
         .attach_net(Box::new(dev))
         .map_err(|e| anyhow::anyhow!("cannot attach the network device: {e}"))

@@ -17,6 +17,9 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    /// A virtqueue could not be made (an invalid size).
+    #[error("cannot create a virtqueue: {0}")]
+    Queue(String),
     /// A MAC address that does not parse.
     #[error("invalid MAC address {0:?} (expected six hex bytes like 52:54:00:12:34:56)")]
     Mac(String),

@@ -23,6 +23,8 @@ use vmm::devices::net::{FrameOut, NetDevice, NetState, QueueSnap, NET_IRQ};
 use vmm::devices::{BusDevice, DeviceCtx};
 use vmm::memory::GuestRam;
 
+use crate::NetError;
+
 /// The 12-byte `virtio_net_hdr_v1` in front of every frame (VERSION_1).
 pub const NET_HDR_LEN: usize = 12;
 /// Largest queue the driver may choose.
@@ -57,19 +59,14 @@ pub struct VirtioNet {
     tx_frames: u64,
 }
 
-fn new_queue() -> Queue {
-    // QUEUE_MAX is a power of two no larger than 32768, which is all
-    // Queue::new checks.
-    Queue::new(QUEUE_MAX).unwrap_or_else(|_| unreachable!("valid queue size"))
-}
-
 impl VirtioNet {
     /// A device with `mac`, reading and writing the guest's memory `mem`, that
     /// hands transmitted frames (without the virtio header) to `out`.
-    pub fn new(mem: GuestRam, mac: [u8; 6], out: FrameOut) -> Self {
-        VirtioNet {
+    pub fn new(mem: GuestRam, mac: [u8; 6], out: FrameOut) -> Result<Self, NetError> {
+        let queue = || Queue::new(QUEUE_MAX).map_err(|e| NetError::Queue(format!("{e:?}")));
+        Ok(VirtioNet {
             mem,
-            queues: [new_queue(), new_queue()],
+            queues: [queue()?, queue()?],
             status: 0,
             driver_features: 0,
             device_features_sel: 0,
@@ -80,7 +77,7 @@ impl VirtioNet {
             out,
             rx_frames: 0,
             tx_frames: 0,
-        }
+        })
     }
 
     fn reset(&mut self) {

@@ -52,7 +52,8 @@ impl Driver {
             mem.clone(),
             MAC,
             Box::new(move |f| s.lock().unwrap().push(f)),
-        );
+        )
+        .unwrap();
         Driver {
             mem,
             dev,
@@ -250,7 +251,7 @@ fn a_restored_device_continues_exactly_where_the_original_was() {
     }
     assert!(d.dev.receive(b"first frame", &mut DeviceCtx::default()));
     let state = d.dev.state();
-    let mut copy = VirtioNet::new(d.mem.clone(), [0; 6], Box::new(|_| {}));
+    let mut copy = VirtioNet::new(d.mem.clone(), [0; 6], Box::new(|_| {})).unwrap();
     copy.restore(&state).unwrap();
     assert_eq!(copy.state(), state);
     assert_eq!(copy.mac(), MAC);

@@ -207,12 +207,19 @@ mod tests {
         });
         assert_eq!(h.wait(None, true), Wake::Ready);
         th.join().unwrap();
-        for i in 2..=FRAME_QUEUE_MAX as u8 {
-            assert!(h.push_frame(vec![i]));
+        for i in 2..=FRAME_QUEUE_MAX {
+            assert!(h.push_frame(vec![i as u8]));
         }
         assert!(!h.push_frame(vec![0]), "the queue is full");
         assert_eq!(h.frames_dropped(), 1);
         assert_eq!(h.take_frame(), Some(vec![1]));
         assert_eq!(h.take_frame(), Some(vec![2]));
+        // A guest with no receive buffer is not woken by queued frames.
+        let t = Instant::now();
+        assert_eq!(
+            h.wait(Some(t + Duration::from_millis(20)), false),
+            Wake::Ready
+        );
+        assert!(t.elapsed() >= Duration::from_millis(20));
     }
 }
