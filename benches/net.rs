@@ -4,17 +4,13 @@
 //!
 //! Needs root, KVM, iproute2 and redis-tools. `cargo bench --bench net`.
 
-#[path = "../tests/common/netns.rs"]
-#[allow(dead_code)]
-mod netns;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use netns::{TestNet, GUEST_IP};
+use ftvmm::netns::{TestNet, GUEST_IP};
 
 const CMDLINE: &str = "net=1 ip=10.99.0.2/24 hz=100 digest_every=0";
 const KEY: &str = "net bench key";
@@ -105,7 +101,7 @@ fn tmp(tag: &str) -> PathBuf {
 }
 
 fn plain() -> Vec<(String, f64, f64, f64)> {
-    let net = TestNet::new("bp");
+    let net = TestNet::new("bp").unwrap();
     let dir = tmp("plain");
     let mut vm = ftvmm(&net, &dir, None);
     wait_for(&dir.join("stdout.txt"), "net mac ");
@@ -122,7 +118,7 @@ fn pair(net: &TestNet, dir: &Path) -> (Child, Child) {
 }
 
 fn with_ft() -> Vec<(String, f64, f64, f64)> {
-    let net = TestNet::new("bf");
+    let net = TestNet::new("bf").unwrap();
     let dir = tmp("ft");
     let (mut p, mut b) = pair(&net, &dir);
     let r = benchmark(&net);
@@ -134,12 +130,12 @@ fn with_ft() -> Vec<(String, f64, f64, f64)> {
 /// Client-seen failover: PINGs back to back on one connection; the gap
 /// around the kill of the primary.
 fn failover() -> Duration {
-    let net = TestNet::new("bk");
+    let net = TestNet::new("bk").unwrap();
     let dir = tmp("kill");
     let (mut p, mut b) = pair(&net, &dir);
     let s = std::thread::scope(|sc| {
         sc.spawn(|| {
-            net.enter_client();
+            net.enter_client().unwrap();
             TcpStream::connect(format!("{GUEST_IP}:6379")).unwrap()
         })
         .join()

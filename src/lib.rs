@@ -6,9 +6,11 @@
 pub mod arbiter;
 pub mod config;
 pub mod console;
+pub mod demo_net;
 pub mod guest;
 pub mod heartbeat;
 pub mod net;
+pub mod netns;
 pub mod roles;
 pub mod rr;
 pub mod status;

@@ -35,7 +35,8 @@ enum Command {
     /// shows the replayed console. Exits 1 with a report on divergence.
     Replay(ReplayArgs),
     /// Record the bundled guest, replay the log, and show that both runs
-    /// reach the same state.
+    /// reach the same state; then fail over a primary/backup pair, and (as
+    /// root) a networked pair under a TCP client.
     Demo(DemoArgs),
 }
 
@@ -424,6 +425,8 @@ fn demo(args: DemoArgs) -> Result<ExitCode> {
     println!("\n== the replayed guest printed the same digests: it reached the same state");
     if code == ExitCode::SUCCESS {
         demo_failover(&dir, args.seconds)?;
+        let exe = std::env::current_exe().context("cannot find the ftvmm executable")?;
+        ftvmm::demo_net::run(&dir, &exe)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(code)

@@ -1,5 +1,5 @@
 //! The networked guest as an FT pair, on a test network built in network
-//! namespaces (tests/common/netns.rs): real `redis-cli` round trips, a
+//! namespaces (src/netns.rs): real `redis-cli` round trips, a
 //! stream of INCRs on one TCP connection surviving kill -9 of the primary,
 //! and the output rule on the wire.
 
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{TestNet, GUEST_IP};
+use ftvmm::netns::{TestNet, GUEST_IP};
 
 const KEY: &str = "network test key";
 const CMDLINE: &str = "net=1 ip=10.99.0.2/24 hz=100 digest_every=0";
@@ -27,7 +27,7 @@ impl Pair {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("arbiter")).unwrap();
         Pair {
-            net: TestNet::new(tag),
+            net: TestNet::new(tag).expect("test network"),
             dir,
         }
     }
@@ -178,7 +178,7 @@ impl Client {
 fn in_client<T: Send>(net: &TestNet, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         s.spawn(|| {
-            net.enter_client();
+            net.enter_client().expect("client namespace");
             f()
         })
         .join()
@@ -303,7 +303,7 @@ fn replies_the_backup_has_not_acknowledged_never_reach_the_client() {
     // Freeze the backup: it stops acknowledging the log.
     signal(&backup, libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(200));
-    let wire_before = net.host_counter("tap-p", "rx_packets");
+    let wire_before = net.host_counter("tap-p", "rx_packets").unwrap();
     c.send(&["INCR", "k"]);
     std::thread::sleep(Duration::from_millis(1500));
     c.w.set_nonblocking(true).unwrap();
@@ -315,7 +315,7 @@ fn replies_the_backup_has_not_acknowledged_never_reach_the_client() {
     );
     c.w.set_nonblocking(false).unwrap();
     assert_eq!(
-        net.host_counter("tap-p", "rx_packets"),
+        net.host_counter("tap-p", "rx_packets").unwrap(),
         wire_before,
         "the primary put frames on the wire while the backup acknowledged nothing"
     );

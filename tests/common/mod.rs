@@ -42,4 +42,3 @@ pub fn digest_lines(text: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
-pub mod netns;

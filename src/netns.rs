@@ -8,9 +8,13 @@
 //! ```
 //!
 //! The guest answers at 10.99.0.2. Everything is removed on drop, also when
-//! the test fails (deleting a namespace deletes the interfaces in it).
+//! a test fails (deleting a namespace deletes the interfaces in it). Used by
+//! the network tests, the network bench and the demo; needs root and
+//! iproute2.
 
 use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The guest's address on the test network.
@@ -28,29 +32,31 @@ pub struct TestNet {
     pub client: String,
 }
 
-fn ip(args: &[&str]) {
+fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .expect("cannot run ip (iproute2)");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .context("cannot run ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
-fn in_ns(ns: &str, args: &[&str]) {
+fn in_ns(ns: &str, args: &[&str]) -> Result<()> {
     let mut a = vec!["-n", ns];
     a.extend_from_slice(args);
-    ip(&a);
+    ip(&a)
 }
 
 impl TestNet {
     /// Build the network; `tag` keeps parallel tests apart.
-    pub fn new(tag: &str) -> TestNet {
+    pub fn new(tag: &str) -> Result<TestNet> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{}-{n}", tag, std::process::id());
         let net = TestNet {
@@ -58,31 +64,31 @@ impl TestNet {
             client: format!("ftvmm-c-{id}"),
         };
         // Drop cleans up whatever part of this was made.
-        ip(&["netns", "add", &net.host]);
-        ip(&["netns", "add", &net.client]);
+        ip(&["netns", "add", &net.host])?;
+        ip(&["netns", "add", &net.client])?;
         let h = net.host.as_str();
         let c = net.client.as_str();
-        in_ns(h, &["link", "set", "lo", "up"]);
-        in_ns(c, &["link", "set", "lo", "up"]);
-        in_ns(h, &["link", "add", "br0", "type", "bridge"]);
+        in_ns(h, &["link", "set", "lo", "up"])?;
+        in_ns(c, &["link", "set", "lo", "up"])?;
+        in_ns(h, &["link", "add", "br0", "type", "bridge"])?;
         for tap in ["tap-p", "tap-b"] {
-            in_ns(h, &["tuntap", "add", tap, "mode", "tap"]);
-            in_ns(h, &["link", "set", tap, "master", "br0", "up"]);
+            in_ns(h, &["tuntap", "add", tap, "mode", "tap"])?;
+            in_ns(h, &["link", "set", tap, "master", "br0", "up"])?;
         }
         in_ns(
             h,
             &[
                 "link", "add", "veth-h", "type", "veth", "peer", "name", "veth-c", "netns", c,
             ],
-        );
-        in_ns(h, &["link", "set", "veth-h", "master", "br0", "up"]);
-        in_ns(h, &["link", "set", "br0", "up"]);
+        )?;
+        in_ns(h, &["link", "set", "veth-h", "master", "br0", "up"])?;
+        in_ns(h, &["link", "set", "br0", "up"])?;
         in_ns(
             c,
             &["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "veth-c"],
-        );
-        in_ns(c, &["link", "set", "veth-c", "up"]);
-        net
+        )?;
+        in_ns(c, &["link", "set", "veth-c", "up"])?;
+        Ok(net)
     }
 
     /// `prog args...` run inside the host namespace.
@@ -101,28 +107,31 @@ impl TestNet {
 
     /// Move the calling thread into the client namespace: sockets it opens
     /// from then on are on the test network.
-    pub fn enter_client(&self) {
+    pub fn enter_client(&self) -> Result<()> {
         use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(format!("/run/netns/{}", self.client))
-            .expect("client namespace file");
+        let path = format!("/run/netns/{}", self.client);
+        let f = std::fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
         // SAFETY: setns on a namespace fd we hold open; it changes only the
         // calling thread's network namespace.
         let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        if r != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// A counter of an interface in the host namespace (`rx_packets` of a
     /// TAP counts the frames its VMM put on the wire).
-    pub fn host_counter(&self, dev: &str, counter: &str) -> u64 {
+    pub fn host_counter(&self, dev: &str, counter: &str) -> Result<u64> {
         let out = self
             .host_command("cat")
             .arg(format!("/sys/class/net/{dev}/statistics/{counter}"))
             .output()
-            .expect("cat");
+            .context("cannot run cat")?;
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
-            .unwrap_or_else(|_| panic!("no counter {counter} for {dev}"))
+            .with_context(|| format!("no counter {counter} for {dev}"))
     }
 }
 
