@@ -99,34 +99,12 @@ fn check_console(path: &Path) {
     assert_eq!(lines.next(), None);
 }
 
-/// 0..1 from a small generator seeded by the clock (printed for reruns).
-fn random_fractions(n: usize) -> Vec<f64> {
-    let mut s = std::env::var("FTVMM_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("FTVMM_TEST_SEED={s}");
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 53) as f64
-        })
-        .collect()
-}
-
 #[test]
 fn killing_the_primary_at_random_moments_loses_no_console_output() {
     if !common::kvm_or_skip() {
         return;
     }
-    for (i, f) in random_fractions(20).into_iter().enumerate() {
+    for (i, f) in common::random_fractions(20).into_iter().enumerate() {
         let pair = Pair::new(&format!("kill{i}"));
         let backup = pair.spawn("backup", KEY);
         let mut primary = pair.spawn("primary", KEY);

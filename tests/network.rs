@@ -19,6 +19,8 @@ const CMDLINE: &str = "net=1 ip=10.99.0.2/24 hz=100 digest_every=0";
 struct Pair {
     net: TestNet,
     dir: PathBuf,
+    /// Every process started, killed on drop so a failed test leaves none.
+    pids: std::cell::RefCell<Vec<u32>>,
 }
 
 impl Pair {
@@ -29,6 +31,7 @@ impl Pair {
         Pair {
             net: TestNet::new(tag).expect("test network"),
             dir,
+            pids: Default::default(),
         }
     }
 
@@ -69,7 +72,9 @@ impl Pair {
                 "500",
             ]),
         };
-        c.spawn().unwrap()
+        let child = c.spawn().unwrap();
+        self.pids.borrow_mut().push(child.id());
+        child
     }
 
     fn stderr(&self, role: &str) -> String {
@@ -113,6 +118,11 @@ impl Pair {
 
 impl Drop for Pair {
     fn drop(&mut self) {
+        for pid in self.pids.borrow().iter() {
+            // SAFETY: a signal to a process this test started (already
+            // reaped ones fail harmlessly with ESRCH).
+            unsafe { libc::kill(*pid as libc::pid_t, libc::SIGKILL) };
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -186,28 +196,6 @@ fn in_client<T: Send>(net: &TestNet, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// 0..1 pseudo-random numbers, seeded from the clock (printed for reruns).
-fn fractions(n: usize) -> Vec<f64> {
-    let mut s = std::env::var("FTVMM_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
-    eprintln!("FTVMM_TEST_SEED={s}");
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 53) as f64
-        })
-        .collect()
-}
-
 #[test]
 fn redis_cli_round_trips_through_the_ft_pair_and_the_new_primary() {
     if !common::kvm_or_skip() {
@@ -250,7 +238,7 @@ fn an_incr_stream_on_one_connection_survives_primary_kills() {
     if !common::kvm_or_skip() {
         return;
     }
-    for (trial, f) in fractions(4).into_iter().enumerate() {
+    for (trial, f) in common::random_fractions(4).into_iter().enumerate() {
         let pair = Pair::new(&format!("incr{trial}"));
         let (primary, mut backup) = pair.start(2000);
         let kill_after = Duration::from_millis(200 + (f * 1500.0) as u64);
