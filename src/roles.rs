@@ -166,17 +166,41 @@ pub struct PrimaryReport {
     pub log_entries: u64,
 }
 
-/// Release gated output as acks arrive, until `done`.
-fn releaser(
+/// Feed the backup's acks into the gate as they arrive, until `done` or the
+/// channel dies; returns the sampled round trips.
+fn ack_pump(
     gate: OutputGate<Output>,
     tx: Arc<PrimarySender>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    let mut seen = Acks::default();
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        // After an error the vCPU thread opens or discards the gate.
+        let Ok(a) = tx.wait_acks_change(seen, Duration::from_millis(50)) else {
+            break;
+        };
+        if a != seen {
+            latencies.extend(tx.stats().ack_latency);
+            if let Some(r) = a.received {
+                gate.ack(r);
+            }
+            seen = a;
+        }
+    }
+    latencies
+}
+
+/// Put released outputs where they go, as soon as the gate lets them out
+/// (an ack, or a new output whose tag is already acknowledged), until `done`.
+fn releaser(
+    gate: OutputGate<Output>,
     console: ConsoleFile,
     tap: Option<netdev::Tap>,
     done: Arc<std::sync::atomic::AtomicBool>,
 ) -> PrimaryReport {
     let mut report = PrimaryReport::default();
-    let mut seen = Acks::default();
-    let put = |report: &mut PrimaryReport, released: Vec<netdev::Released<Output>>| {
+    let mut put = |released: Vec<netdev::Released<Output>>| {
         for r in released {
             match r.item {
                 Output::Console(offset, bytes) => {
@@ -193,26 +217,9 @@ fn releaser(
         }
     };
     while !done.load(std::sync::atomic::Ordering::Acquire) {
-        match tx.wait_acks_change(seen, Duration::from_millis(20)) {
-            Ok(a) => {
-                if a != seen {
-                    report.ack_latencies.extend(tx.stats().ack_latency);
-                }
-                seen = a;
-            }
-            // No more acks (the gate is opened or discarded by the vCPU
-            // thread): wait on the gate itself rather than spin.
-            Err(_) => {
-                put(&mut report, gate.wait_released(Duration::from_millis(20)));
-                continue;
-            }
-        }
-        if let Some(r) = seen.received {
-            gate.ack(r);
-        }
-        put(&mut report, gate.take_released());
+        put(gate.wait_released(Duration::from_millis(20)));
     }
-    put(&mut report, gate.take_released());
+    put(gate.take_released());
     report
 }
 
@@ -424,9 +431,13 @@ pub fn run_primary(
     };
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rel = {
-        let (g, t, c, d) = (gate.clone(), tx.clone(), console.clone(), done.clone());
+        let (g, c, d) = (gate.clone(), console.clone(), done.clone());
         let tap = live_tap.as_ref().map(|l| l.tap().clone());
-        std::thread::spawn(move || releaser(g, t, c, tap, d))
+        std::thread::spawn(move || releaser(g, c, tap, d))
+    };
+    let pump = {
+        let (g, t, d) = (gate.clone(), tx.clone(), done.clone());
+        std::thread::spawn(move || ack_pump(g, t, d))
     };
     let status = spawn_status(tx.clone(), gate.clone(), done.clone());
     let mut rec = Throttled {
@@ -454,6 +465,7 @@ pub fn run_primary(
                 gate.discard();
                 done.store(true, std::sync::atomic::Ordering::Release);
                 let _ = rel.join();
+                let _ = pump.join();
                 return Err(lost);
             }
             gate.open();
@@ -463,6 +475,7 @@ pub fn run_primary(
     gate.open();
     done.store(true, std::sync::atomic::Ordering::Release);
     let mut report = rel.join().unwrap_or_default();
+    report.ack_latencies = pump.join().unwrap_or_default();
     let _ = status.join();
     drop(live_tap);
     let stats = tx.stats();

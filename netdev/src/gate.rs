@@ -24,6 +24,31 @@ struct State<T> {
     max_held: usize,
 }
 
+impl<T> State<T> {
+    fn release(&mut self) -> Vec<Released<T>> {
+        let mut out = Vec::new();
+        while let Some((tag, _, _)) = self.held.front() {
+            let ok = self.open
+                || match (tag, self.acked) {
+                    (None, _) => true,
+                    (Some(t), Some(a)) => *t <= a,
+                    (Some(_), None) => false,
+                };
+            if !ok {
+                break;
+            }
+            if let Some((_, at, item)) = self.held.pop_front() {
+                out.push(Released {
+                    item,
+                    held_for: at.elapsed(),
+                });
+            }
+        }
+        self.released += out.len() as u64;
+        out
+    }
+}
+
 /// Outputs held until their tag is acknowledged. Clone to share between the
 /// vCPU thread (which holds outputs) and the thread that releases them.
 #[derive(Debug)]
@@ -107,41 +132,30 @@ impl<T> OutputGate<T> {
     /// Outputs never overtake each other: a later one with an older tag
     /// still waits behind an earlier held one.
     pub fn take_released(&self) -> Vec<Released<T>> {
-        self.with(|s| {
-            let mut out = Vec::new();
-            while let Some((tag, _, _)) = s.held.front() {
-                let ok = s.open
-                    || match (tag, s.acked) {
-                        (None, _) => true,
-                        (Some(t), Some(a)) => *t <= a,
-                        (Some(_), None) => false,
-                    };
-                if !ok {
-                    break;
-                }
-                if let Some((_, at, item)) = s.held.pop_front() {
-                    out.push(Released {
-                        item,
-                        held_for: at.elapsed(),
-                    });
-                }
-            }
-            s.released += out.len() as u64;
-            out
-        })
+        self.with(State::release)
     }
 
-    /// Wait up to `timeout` for something to become releasable, then take it.
+    /// Wait up to `timeout` for something to become releasable (an ack, a
+    /// hold, an open), then take it. The check and the wait are one step
+    /// under the lock, so a wake-up between them is not lost.
     pub fn wait_released(&self, timeout: Duration) -> Vec<Released<T>> {
-        let ready = self.take_released();
-        if !ready.is_empty() {
-            return ready;
-        }
+        let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.inner;
-        if let Ok(g) = m.lock() {
-            let _ = cv.wait_timeout(g, timeout);
+        let mut s = match m.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        loop {
+            let out = s.release();
+            let now = Instant::now();
+            if !out.is_empty() || now >= deadline {
+                return out;
+            }
+            s = match cv.wait_timeout(s, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
         }
-        self.take_released()
     }
 
     /// Outputs held right now.
@@ -233,5 +247,21 @@ mod tests {
         g.ack(7);
         let got = t.join().unwrap();
         assert_eq!(items(got), ["late"]);
+    }
+
+    #[test]
+    fn an_output_whose_tag_is_already_acked_wakes_a_waiting_releaser() {
+        let g = OutputGate::new();
+        g.ack(9);
+        let g2 = g.clone();
+        let start = Instant::now();
+        let t = std::thread::spawn(move || g2.wait_released(Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(20));
+        g.hold(Some(9), "reply");
+        assert_eq!(items(t.join().unwrap()), ["reply"]);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "woken by the hold, not the timeout"
+        );
     }
 }
