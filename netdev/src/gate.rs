@@ -25,18 +25,21 @@ struct State<T> {
 }
 
 impl<T> State<T> {
-    fn release(&mut self) -> Vec<Released<T>> {
-        let mut out = Vec::new();
-        while let Some((tag, _, _)) = self.held.front() {
-            let ok = self.open
+    /// Whether the oldest held output may go.
+    fn front_releasable(&self) -> bool {
+        self.held.front().is_some_and(|(tag, _, _)| {
+            self.open
                 || match (tag, self.acked) {
                     (None, _) => true,
                     (Some(t), Some(a)) => *t <= a,
                     (Some(_), None) => false,
-                };
-            if !ok {
-                break;
-            }
+                }
+        })
+    }
+
+    fn release(&mut self) -> Vec<Released<T>> {
+        let mut out = Vec::new();
+        while self.front_releasable() {
             if let Some((_, at, item)) = self.held.pop_front() {
                 out.push(Released {
                     item,
@@ -96,6 +99,9 @@ impl<T> OutputGate<T> {
         }
     }
 
+    /// Run `f` on the state; wake a waiting releaser only if there is now
+    /// something for it (a wake-up per ack or per held output would cost
+    /// the host a context switch each, for nothing).
     fn with<R>(&self, f: impl FnOnce(&mut State<T>) -> R) -> R {
         let (m, cv) = &*self.inner;
         let mut s = match m.lock() {
@@ -105,7 +111,9 @@ impl<T> OutputGate<T> {
             Err(p) => p.into_inner(),
         };
         let r = f(&mut s);
-        cv.notify_all();
+        if s.front_releasable() {
+            cv.notify_all();
+        }
         r
     }
 
