@@ -14,8 +14,11 @@ use ftvmm::netns::{TestNet, GUEST_IP};
 
 const CMDLINE: &str = "net=1 ip=10.99.0.2/24 hz=100 digest_every=0";
 const KEY: &str = "net bench key";
-const REQUESTS: &str = "2000";
-const CLIENTS: &str = "4";
+const REQUESTS: &str = "3000";
+/// One client (pure latency), a few, and redis-benchmark's default 50.
+const CLIENTS: [&str; 3] = ["1", "4", "50"];
+
+type Row = (String, f64, f64, f64);
 
 fn ftvmm(net: &TestNet, dir: &Path, role: Option<&str>) -> Child {
     let mut c = net.host_command(env!("CARGO_BIN_EXE_ftvmm"));
@@ -61,12 +64,17 @@ fn wait_for(path: &Path, what: &str) {
     }
 }
 
-/// (test, requests/s, p50 ms, p99 ms) from redis-benchmark's CSV.
-fn benchmark(net: &TestNet) -> Vec<(String, f64, f64, f64)> {
+/// (test, requests/s, p50 ms, p99 ms) from redis-benchmark's CSV, for each
+/// number of clients.
+fn benchmark(net: &TestNet) -> Vec<Vec<Row>> {
+    CLIENTS.iter().map(|c| benchmark_with(net, c)).collect()
+}
+
+fn benchmark_with(net: &TestNet, clients: &str) -> Vec<Row> {
     let out = net
         .client_command("redis-benchmark")
         .args(["-h", GUEST_IP, "-t", "ping,set,get,incr", "-n", REQUESTS])
-        .args(["-c", CLIENTS, "--csv"])
+        .args(["-c", clients, "--csv"])
         .stdin(Stdio::null())
         .output()
         .expect("redis-benchmark (redis-tools)");
@@ -100,7 +108,7 @@ fn tmp(tag: &str) -> PathBuf {
     d
 }
 
-fn plain() -> Vec<(String, f64, f64, f64)> {
+fn plain() -> Vec<Vec<Row>> {
     let net = TestNet::new("bp").unwrap();
     let dir = tmp("plain");
     let mut vm = ftvmm(&net, &dir, None);
@@ -117,7 +125,7 @@ fn pair(net: &TestNet, dir: &Path) -> (Child, Child) {
     (p, b)
 }
 
-fn with_ft() -> Vec<(String, f64, f64, f64)> {
+fn with_ft() -> Vec<Vec<Row>> {
     let net = TestNet::new("bf").unwrap();
     let dir = tmp("ft");
     let (mut p, mut b) = pair(&net, &dir);
@@ -169,23 +177,23 @@ fn main() {
     }
     let base = plain();
     let ft = with_ft();
-    println!(
-        "redis-benchmark -t ping,set,get,incr -n {REQUESTS} -c {CLIENTS}, guest `{CMDLINE}`\n"
-    );
-    println!("| test | req/s without FT | req/s with FT | with / without | p50 ms without / with | p99 ms without / with |");
-    println!("|---|---|---|---|---|---|");
-    for (a, b) in base.iter().zip(&ft) {
-        println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
-            a.0,
-            a.1,
-            b.1,
-            b.1 / a.1,
-            a.2,
-            b.2,
-            a.3,
-            b.3
-        );
+    println!("redis-benchmark -t ping,set,get,incr -n {REQUESTS} -c N, guest `{CMDLINE}`\n");
+    println!("| clients | test | req/s without FT | req/s with FT | with / without | p50 ms without / with | p99 ms without / with |");
+    println!("|---|---|---|---|---|---|---|");
+    for ((c, base), ft) in CLIENTS.iter().zip(&base).zip(&ft) {
+        for (a, b) in base.iter().zip(ft) {
+            println!(
+                "| {c} | {} | {:.0} | {:.0} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+                a.0,
+                a.1,
+                b.1,
+                b.1 / a.1,
+                a.2,
+                b.2,
+                a.3,
+                b.3
+            );
+        }
     }
     let mut gaps: Vec<Duration> = (0..3).map(|_| failover()).collect();
     gaps.sort();

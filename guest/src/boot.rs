@@ -259,7 +259,7 @@ boot_tss:
 __kstack_top:                           # kmain (and user=0 workload)
     .skip 32768
 __istack_top:                           # TSS.RSP0: interrupts from CPL3
-    .skip 65536
+    .skip 262144                        # (the network service keeps its socket set here)
     .global __ustack_top
 __ustack_top:                           # user-mode workload
     .text

@@ -13,14 +13,17 @@ use super::resp::{self, After, Args, Out, Parsed, MAX_ARGS, MAX_REPLY};
 use super::store::Store;
 use super::virtio::VirtioNet;
 
-/// Concurrent connections (one listening TCP socket each).
-pub const SOCKETS: usize = 8;
+/// TCP sockets, one connection each. smoltcp has no listen backlog: a SYN
+/// that finds no listening socket is refused. redis-benchmark (50 clients
+/// by default) closes one test's connections and opens the next test's at
+/// once, so two waves must fit while the first one's sockets close.
+pub const SOCKETS: usize = 128;
 /// smoltcp socket buffer size, each way.
-pub const SOCK_BUF: usize = 4096;
+pub const SOCK_BUF: usize = 2048;
 /// Per-connection request bytes not yet parsed (a command must fit).
-const IN_CAP: usize = 4096;
+const IN_CAP: usize = 2048;
 /// Per-connection reply bytes not yet taken by the socket.
-const OUT_CAP: usize = 4096;
+const OUT_CAP: usize = 2048;
 
 /// Per-connection state; all-zero is the initial state.
 #[repr(C)]
