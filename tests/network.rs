@@ -198,7 +198,7 @@ fn in_client<T: Send>(net: &TestNet, f: impl FnOnce() -> T + Send) -> T {
 
 #[test]
 fn redis_cli_round_trips_through_the_ft_pair_and_the_new_primary() {
-    if !common::kvm_or_skip() {
+    if !common::net_or_skip() {
         return;
     }
     let pair = Pair::new("cli");
@@ -235,7 +235,7 @@ fn redis_cli_round_trips_through_the_ft_pair_and_the_new_primary() {
 
 #[test]
 fn an_incr_stream_on_one_connection_survives_primary_kills() {
-    if !common::kvm_or_skip() {
+    if !common::net_or_skip() {
         return;
     }
     for (trial, f) in common::random_fractions(4).into_iter().enumerate() {
@@ -279,7 +279,7 @@ fn an_incr_stream_on_one_connection_survives_primary_kills() {
 
 #[test]
 fn replies_the_backup_has_not_acknowledged_never_reach_the_client() {
-    if !common::kvm_or_skip() {
+    if !common::net_or_skip() {
         return;
     }
     let pair = Pair::new("gate");

@@ -19,6 +19,41 @@ pub fn kvm_or_skip() -> bool {
     false
 }
 
+/// The network tests need KVM, root (for network namespaces), iproute2,
+/// TAP devices and redis-cli. In CI a missing one is a failure; elsewhere
+/// the test says which is missing and returns early.
+pub fn net_or_skip() -> bool {
+    if !kvm_or_skip() {
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    // Only whether the program starts matters, not its exit code.
+    let have = |cmd: &str| {
+        std::process::Command::new(cmd)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok()
+    };
+    let missing = [
+        (!root).then_some("root (network namespaces)"),
+        (!have("ip")).then_some("ip (iproute2)"),
+        (!have("redis-cli")).then_some("redis-cli (redis-tools)"),
+        (!std::path::Path::new("/dev/net/tun").exists()).then_some("/dev/net/tun"),
+    ];
+    let missing: Vec<&str> = missing.into_iter().flatten().collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("the network tests need {}", missing.join(", "));
+    }
+    eprintln!("SKIPPED: the network tests need {}", missing.join(", "));
+    false
+}
+
 /// A config for the bundled guest writing into `out`.
 pub fn config(cmdline: &str, out: &Capture) -> MachineConfig {
     MachineConfig::new(32, cmdline, Box::new(out.clone()))
