@@ -37,13 +37,18 @@ fn arp_request(n: u8) -> Vec<u8> {
 
 type Frames = Arc<Mutex<Vec<Vec<u8>>>>;
 
+/// Give `m` the network device, collecting what it transmits into `sent`.
+fn attach(m: &mut Machine, sent: &Frames) {
+    let s = sent.clone();
+    ftvmm::net::attach(m, MAC, Box::new(move |f| s.lock().unwrap().push(f))).unwrap();
+}
+
 fn machine(out: &Capture, live: bool, sent: &Frames) -> Machine {
     let mut c = MachineConfig::new(32, CMDLINE, Box::new(out.clone()));
     c.points = PointMode::Exits;
     c.live_timers = live;
     let mut m = Machine::new(c, GUEST_ELF).unwrap();
-    let s = sent.clone();
-    ftvmm::net::attach(&mut m, MAC, Box::new(move |f| s.lock().unwrap().push(f))).unwrap();
+    attach(&mut m, sent);
     m
 }
 
@@ -155,8 +160,7 @@ fn a_snapshot_of_a_networked_vm_continues_like_the_original() {
     let out = Capture::new();
     let sent = Frames::default();
     let mut a = Machine::new(config(&out), GUEST_ELF).unwrap();
-    let s = sent.clone();
-    ftvmm::net::attach(&mut a, MAC, Box::new(move |f| s.lock().unwrap().push(f))).unwrap();
+    attach(&mut a, &sent);
     feed(&a);
     assert_eq!(a.run(&mut vmm::Live).unwrap(), RunEnd::PowerOff(0));
     let whole = (out.text(), sent.lock().unwrap().clone());
@@ -175,8 +179,7 @@ fn a_snapshot_of_a_networked_vm_continues_like_the_original() {
     let out1 = Capture::new();
     let sent1 = Frames::default();
     let mut b = Machine::new(config(&out1), GUEST_ELF).unwrap();
-    let s = sent1.clone();
-    ftvmm::net::attach(&mut b, MAC, Box::new(move |f| s.lock().unwrap().push(f))).unwrap();
+    attach(&mut b, &sent1);
     feed(&b);
     assert_eq!(b.run(&mut PauseAfter(exits / 2)).unwrap(), RunEnd::Paused);
     let snap = b.snapshot().unwrap();
@@ -190,8 +193,7 @@ fn a_snapshot_of_a_networked_vm_continues_like_the_original() {
         "frames were delivered before the snapshot"
     );
     let mut c = Machine::restore(&snap, config(&out1)).unwrap();
-    let s = sent1.clone();
-    ftvmm::net::attach(&mut c, MAC, Box::new(move |f| s.lock().unwrap().push(f))).unwrap();
+    attach(&mut c, &sent1);
     // Frames still queued in the old VM's host queue move with it.
     while let Some(f) = b.host_inputs().take_frame() {
         c.host_inputs().push_frame(f);
