@@ -1,6 +1,9 @@
 //! Primary and backup as two `ftvmm` processes on loopback: kill -9 of the
 //! primary at random moments, kill of the backup, and a refused stranger.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -3,6 +3,9 @@
 //! stream of INCRs on one TCP connection surviving kill -9 of the primary,
 //! and the output rule on the wire.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,6 +1,9 @@
 //! The logging channel over loopback TCP: handshake and refusals, streaming
 //! and acks, the window and the lag throttle, liveness, corruption.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

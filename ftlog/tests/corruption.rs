@@ -1,6 +1,9 @@
 //! Damaged, cut and malformed streams: always a precise error, never a
 //! panic and never a silently different entry.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{self, Read};
