@@ -106,6 +106,32 @@ pub enum EntryKind {
         /// Why.
         reason: EndReason,
     },
+    /// The guest sent an output to the outside world at this point (console
+    /// bytes, a network frame): the output rule's entry (format version 3).
+    /// Not an input: the replayer checks that its guest sends the same
+    /// output here. The primary releases the output only once the backup
+    /// has acknowledged this entry, and a backup going live replays through
+    /// every one it has.
+    Output {
+        /// Where it went.
+        stream: OutputStream,
+        /// Console: the stream offset of its first byte (bytes since boot);
+        /// network: the frame's index since boot (0 for the first).
+        position: u64,
+        /// Its length in bytes.
+        len: u32,
+        /// The first 8 bytes of the BLAKE3 hash of its bytes.
+        hash: [u8; 8],
+    },
+}
+
+/// Which output stream an [`EntryKind::Output`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutputStream {
+    /// The serial console (COM1), a byte stream addressed by offset.
+    Console,
+    /// The network device, a sequence of frames.
+    Net,
 }
 
 /// Why a log ended.
@@ -143,11 +169,12 @@ impl EntryKind {
             EntryKind::Digest { .. } => "digest",
             EntryKind::SnapshotMarker { .. } => "snapshot-marker",
             EntryKind::End { .. } => "end",
+            EntryKind::Output { .. } => "output",
         }
     }
 
-    /// The value of a logged guest read (port, MMIO, MSR, clock, entropy);
-    /// None for every other kind.
+    /// The host values a device access took in (port, MMIO, MSR, clock,
+    /// entropy: see docs/log-format.md); None for every other kind.
     pub fn read_data(&self) -> Option<&[u8]> {
         match self {
             EntryKind::PortIn { data, .. }

@@ -28,6 +28,30 @@ pub struct LogHeader {
     /// The MAC address of the guest's network device, None if it has none
     /// (format version 2). The backup builds the same device from it.
     pub net_mac: Option<[u8; 6]>,
+    /// The CPUID table the primary's guest sees (format version 3). A
+    /// backup gives its guest the same table, or refuses to start when its
+    /// host cannot provide a feature in it.
+    pub cpuid: Vec<CpuidEntry>,
+}
+
+/// One CPUID leaf as the guest sees it (the fields of KVM's
+/// `kvm_cpuid_entry2`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuidEntry {
+    /// EAX on input: the leaf.
+    pub function: u32,
+    /// ECX on input: the subleaf (meaningful when `flags` says so).
+    pub index: u32,
+    /// KVM's flags (`KVM_CPUID_FLAG_SIGNIFCANT_INDEX`, ...).
+    pub flags: u32,
+    /// EAX on output.
+    pub eax: u32,
+    /// EBX on output.
+    pub ebx: u32,
+    /// ECX on output.
+    pub ecx: u32,
+    /// EDX on output.
+    pub edx: u32,
 }
 
 /// How state digests are computed, so a replayer can refuse a log whose

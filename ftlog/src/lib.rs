@@ -22,8 +22,8 @@ pub use channel::{
     PrimarySender, Refusal,
 };
 pub use codec::{Frame, FramePos};
-pub use entry::{EndReason, EntryKind, LogEntry};
+pub use entry::{EndReason, EntryKind, LogEntry, OutputStream};
 pub use error::LogError;
-pub use header::{DigestKind, LogHeader};
+pub use header::{CpuidEntry, DigestKind, LogHeader};
 pub use point::{ExecBackend, ExecPoint};
 pub use stream::{LogReader, LogWriter};

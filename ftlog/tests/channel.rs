@@ -28,6 +28,7 @@ fn header(backend: ExecBackend, image: [u8; 32]) -> LogHeader {
         state_digest: DigestKind::Blake3RegsRam,
         digest_interval_ms: Some(100),
         net_mac: None,
+        cpuid: Vec::new(),
     }
 }
 
@@ -280,7 +281,7 @@ fn other_protocol_version_is_refused_naming_both() {
             primary: 7,
             backup: ftlog::channel::PROTOCOL_VERSION,
         },
-        &["version 7", "version 2"],
+        &["version 7", "version 3"],
     );
 }
 

@@ -14,7 +14,7 @@ use crate::{ExecBackend, FramePos, LogEntry, LogError, LogHeader};
 /// The first eight bytes each side sends.
 pub const CHANNEL_MAGIC: [u8; 8] = *b"FTVMMCHN";
 /// The channel protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Magic plus version.
 pub const CHANNEL_PREAMBLE_LEN: usize = 12;
 /// Length of the handshake nonces and MACs.
@@ -372,6 +372,7 @@ mod tests {
                 state_digest: DigestKind::Blake3RegsRam,
                 digest_interval_ms: None,
                 net_mac: Some([1, 2, 3, 4, 5, 6]),
+                cpuid: Vec::new(),
             }),
             Msg::Entry(LogEntry {
                 seq: 9,

@@ -2,7 +2,8 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use ftlog::{
-    DigestKind, EndReason, EntryKind, ExecBackend, ExecPoint, LogEntry, LogHeader, LogWriter,
+    CpuidEntry, DigestKind, EndReason, EntryKind, ExecBackend, ExecPoint, LogEntry, LogHeader,
+    LogWriter, OutputStream,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -51,6 +52,12 @@ pub fn one_of_each_kind() -> Vec<EntryKind> {
         EntryKind::End {
             reason: EndReason::PowerOff { code: 0 },
         },
+        EntryKind::Output {
+            stream: OutputStream::Console,
+            position: 1234,
+            len: 1,
+            hash: [0x5a; 8],
+        },
     ];
     let mut seen: Vec<usize> = kinds.iter().map(kind_index).collect();
     seen.sort_unstable();
@@ -60,7 +67,7 @@ pub fn one_of_each_kind() -> Vec<EntryKind> {
 }
 
 /// Number of `EntryKind` variants.
-pub const KIND_COUNT: usize = 13;
+pub const KIND_COUNT: usize = 14;
 
 /// A distinct number per variant; the exhaustive match fails to compile
 /// when a variant is added, pointing here.
@@ -79,6 +86,7 @@ pub fn kind_index(k: &EntryKind) -> usize {
         EntryKind::Digest { .. } => 10,
         EntryKind::SnapshotMarker { .. } => 11,
         EntryKind::End { .. } => 12,
+        EntryKind::Output { .. } => 13,
     }
 }
 
@@ -91,6 +99,26 @@ pub fn header() -> LogHeader {
         state_digest: DigestKind::Blake3RegsRam,
         digest_interval_ms: Some(1000),
         net_mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
+        cpuid: vec![
+            CpuidEntry {
+                function: 0,
+                index: 0,
+                flags: 0,
+                eax: 0xd,
+                ebx: 0x756e_6547,
+                ecx: 0x6c65_746e,
+                edx: 0x4965_6e69,
+            },
+            CpuidEntry {
+                function: 7,
+                index: 0,
+                flags: 1,
+                eax: 0,
+                ebx: 0x029c_67af,
+                ecx: 0,
+                edx: 0,
+            },
+        ],
     }
 }
 
@@ -172,7 +200,35 @@ pub fn entry_kind() -> impl Strategy<Value = EntryKind> {
         (any::<u64>(), any::<[u8; 32]>())
             .prop_map(|(id, digest)| EntryKind::SnapshotMarker { id, digest }),
         end_reason().prop_map(|reason| EntryKind::End { reason }),
+        (
+            output_stream(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<[u8; 8]>()
+        )
+            .prop_map(|(stream, position, len, hash)| EntryKind::Output {
+                stream,
+                position,
+                len,
+                hash
+            }),
     ]
+}
+
+pub fn output_stream() -> impl Strategy<Value = OutputStream> {
+    prop_oneof![Just(OutputStream::Console), Just(OutputStream::Net)]
+}
+
+pub fn cpuid_entry() -> impl Strategy<Value = CpuidEntry> {
+    any::<[u32; 7]>().prop_map(|[function, index, flags, eax, ebx, ecx, edx]| CpuidEntry {
+        function,
+        index,
+        flags,
+        eax,
+        ebx,
+        ecx,
+        edx,
+    })
 }
 
 pub fn entry() -> impl Strategy<Value = LogEntry> {
@@ -199,16 +255,20 @@ pub fn log_header() -> impl Strategy<Value = LogHeader> {
         ".{0,80}",
         proptest::option::of(any::<u64>()),
         proptest::option::of(any::<[u8; 6]>()),
+        vec(cpuid_entry(), 0..40),
     )
         .prop_map(
-            |(backend, image_digest, mem_mib, cmdline, digest_interval_ms, net_mac)| LogHeader {
-                backend,
-                image_digest,
-                mem_mib,
-                cmdline,
-                state_digest: DigestKind::Blake3RegsRam,
-                digest_interval_ms,
-                net_mac,
+            |(backend, image_digest, mem_mib, cmdline, digest_interval_ms, net_mac, cpuid)| {
+                LogHeader {
+                    backend,
+                    image_digest,
+                    mem_mib,
+                    cmdline,
+                    state_digest: DigestKind::Blake3RegsRam,
+                    digest_interval_ms,
+                    net_mac,
+                    cpuid,
+                }
             },
         )
 }
