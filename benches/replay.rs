@@ -69,7 +69,7 @@ fn measure(backend: ExecBackend, cmdline: &str) -> Row {
         digest_every: Some(Duration::from_millis(200)),
         net_mac: None,
     };
-    let writer = LogWriter::new(Vec::new(), &header_for(GUEST_ELF, &c, &opts)).unwrap();
+    let writer = LogWriter::new(Vec::new(), &header_for(GUEST_ELF, &c, &opts).unwrap()).unwrap();
     let mut rec = Recorder::new(writer, opts.digest_every);
     let mut m = Machine::new(c, GUEST_ELF).unwrap();
     let t = Instant::now();

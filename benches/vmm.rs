@@ -59,7 +59,11 @@ fn boot_times() -> (Duration, Duration, Duration) {
     for _ in 0..ROUNDS {
         let first = FirstByte::default();
         let t = Instant::now();
-        let cfg = MachineConfig::new(64, "ticks=1", Box::new(first.clone()));
+        let cfg = MachineConfig::new(
+            64,
+            "ticks=1",
+            Box::new(vmm::output::ConsoleWriter(first.clone())),
+        );
         let mut m = Machine::new(cfg, GUEST_ELF).expect("VM");
         create.push(t.elapsed().as_secs_f64());
         assert_eq!(m.run(&mut Live).expect("run"), RunEnd::PowerOff(0));

@@ -1,7 +1,6 @@
 //! The backup: replays the logging channel, and goes live when the primary
 //! is gone (after winning the arbiter).
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -15,7 +14,7 @@ use crate::ft_options::FtOptions;
 use crate::go_live::{take_over, win_arbiter};
 use crate::heartbeat::Role;
 use crate::net::{self, NetOptions};
-use crate::output::HeldSerial;
+use crate::output::HeldOutputs;
 
 /// Run as the backup: replay what arrives on `listen`; go live if the
 /// primary dies.
@@ -46,28 +45,35 @@ pub fn run_backup(
         cfg.mem_mib = u64::from(h.mem_mib);
         cfg.cmdline = h.cmdline.clone();
     }
+    // The primary's guest CPU: the same CPUID table, or a clear refusal.
+    cfg.cpuid = Some(h.cpuid.clone());
     let net = backup_net(h.net_mac, ft.net.as_ref())?;
     // Beat towards the primary so it can tell this backup is alive.
     let _heartbeat = ft.heartbeat(Role::Backup)?;
-    let held = HeldSerial::default();
-    cfg.serial_out = Box::new(held.clone());
-    let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
     // The backup's guest sends what the primary's sends; only the primary's
-    // copy may reach the wire, so these are dropped.
-    let dropped = Arc::new(AtomicU64::new(0));
+    // copy may reach the outside world, so they are held (to be put out
+    // again if this backup goes live).
+    let held = HeldOutputs::default();
+    cfg.outputs = Box::new(held.clone());
+    let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
     if let Some(n) = &net {
-        net::attach(&mut m, n.mac, net::discard(dropped.clone()))?;
+        net::attach(&mut m, n.mac)?;
     }
     let mut rep = Replayer::new(ChannelSource::new(rx));
+    // The replay uses every entry received; a log cut short pauses at the
+    // first point after its last entry (or the guest ended right there).
     let end = m.run(&mut rep)?;
+    rep.finish(&mut m, end)?;
     let primary_gone = rep.source().ended().map(|e| e.to_string());
     let Some(why) = primary_gone else {
-        rep.finish(&mut m, end)?;
         return Ok(end);
     };
     // Go live at this exact point.
     win_arbiter(ft, &format!("the primary is gone ({why})"))?;
-    let _tap = take_over(&mut m, ft, &held, net.as_ref(), &dropped)?;
+    let _tap = take_over(&mut m, ft, &held, net.as_ref())?;
+    if end != RunEnd::Paused {
+        return Ok(end);
+    }
     Ok(m.run(&mut Live)?)
 }
 

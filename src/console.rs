@@ -4,8 +4,10 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
 use vmm::inputs::HostInputs;
+use vmm::output::{ConsoleWriter, Output, OutputSink, Tag};
 
-/// A serial sink that keeps everything the guest wrote (tests, benches).
+/// A console sink that keeps everything the guest wrote to its console
+/// (tests, benches); frames are dropped.
 #[derive(Clone, Default)]
 pub struct Capture(Arc<Mutex<Vec<u8>>>);
 
@@ -45,9 +47,21 @@ impl Write for Capture {
     }
 }
 
+impl OutputSink for Capture {
+    fn put(&mut self, output: Output, tag: Tag) {
+        ConsoleWriter(self).put(output, tag);
+    }
+}
+
 /// Guest output to this process's stdout, flushed per write so the console
-/// is interactive.
+/// is interactive; frames are dropped.
 pub struct Stdout;
+
+impl OutputSink for Stdout {
+    fn put(&mut self, output: Output, tag: Tag) {
+        ConsoleWriter(self).put(output, tag);
+    }
+}
 
 impl Write for Stdout {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -72,7 +86,10 @@ pub fn forward_stdin(inputs: HostInputs) {
             loop {
                 match stdin.read(&mut buf) {
                     Ok(0) | Err(_) => return,
-                    Ok(n) => inputs.push_serial(&buf[..n]),
+                    Ok(n) => {
+                        // A full queue drops the rest, as a UART overruns.
+                        inputs.push_serial(&buf[..n]);
+                    }
                 }
             }
         });

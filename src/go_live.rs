@@ -1,15 +1,14 @@
 //! Going on alone: winning the arbiter, and a backup taking over at the
 //! exact point its log ends.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use anyhow::{bail, Result};
+use vmm::output::OutputSink;
 use vmm::Machine;
 
 use crate::arbiter::{Arbiter, Outcome};
 use crate::ft_options::FtOptions;
-use crate::net::{self, LiveTap, NetOptions};
-use crate::output::{ConsoleFile, DirectSerial, HeldSerial};
+use crate::net::{LiveTap, NetOptions};
+use crate::output::{ConsoleFile, ConsoleTarget, Direct, HeldOutputs};
 
 /// Win the arbiter or explain why not: the only way either side may go on
 /// without its peer.
@@ -29,34 +28,43 @@ pub fn win_arbiter(ft: &FtOptions, why: &str) -> Result<()> {
     }
 }
 
-/// Make a backup whose replay stopped at the end of its log the live VM:
-/// it has won the arbiter; its console is rewritten at the same offsets,
-/// its timers start, and its network (if any) goes live with the guest's
-/// MAC announced. The returned TAP must live as long as the VM runs.
+/// Make a backup whose replay stopped at the end of its log the live VM.
+/// It has won the arbiter and replayed every entry it received (the last
+/// output entry included), so nothing it does from here contradicts what
+/// the primary released. Its network (if any) goes live with the guest's
+/// MAC announced; the outputs it held are put out again: console bytes
+/// rewritten at the same offsets (identical bytes), frames sent again (the
+/// primary may not have released them; a duplicate is harmless to TCP).
+/// Then its outputs go straight out, and its timers start from the replayed
+/// device state. The returned TAP must live as long as the VM runs.
 pub fn take_over(
     m: &mut Machine,
     ft: &FtOptions,
-    held: &HeldSerial,
+    held: &HeldOutputs,
     net: Option<&NetOptions>,
-    dropped: &AtomicU64,
 ) -> Result<Option<LiveTap>> {
     let point = m.point()?;
     eprintln!("ftvmm: going live at {point}");
     let console = ConsoleFile::open(&ft.console)?;
-    let produced = held.produced();
-    console.put(0, &produced);
-    m.devices
-        .serial
-        .set_output(Box::new(DirectSerial::new(console, produced.len() as u64)));
-    m.set_live_timers(true);
-    let Some(n) = net else {
-        return Ok(None);
+    let live = match net {
+        Some(n) => {
+            let live = LiveTap::open(&n.tap, m)?;
+            live.announce(n.mac);
+            eprintln!("ftvmm: network live on {}; guest MAC announced", n.tap);
+            Some(live)
+        }
+        None => None,
     };
-    let live = net::go_live(m, n)?;
-    eprintln!(
-        "ftvmm: network live on {} ({} frames of the replay dropped); guest MAC announced",
-        n.tap,
-        dropped.load(Ordering::Relaxed)
+    let mut out = Direct::new(
+        ConsoleTarget::File(console),
+        live.as_ref().map(|l| l.tap().clone()),
     );
-    Ok(Some(live))
+    let again = held.take();
+    eprintln!("ftvmm: {} outputs of the replay put out again", again.len());
+    for (o, tag) in again {
+        out.put(o, tag);
+    }
+    m.set_output_sink(Box::new(out));
+    m.set_live_timers(true);
+    Ok(live)
 }

@@ -287,8 +287,14 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let _tap = match args.net.options()? {
         Some(n) => {
-            ftvmm::net::attach(&mut m, n.mac, Box::new(|_| {}))?;
-            Some(ftvmm::net::go_live(&mut m, &n)?)
+            ftvmm::net::attach(&mut m, n.mac)?;
+            let live = ftvmm::net::LiveTap::open(&n.tap, &m)?;
+            live.announce(n.mac);
+            m.set_output_sink(Box::new(ftvmm::output::Direct::new(
+                ftvmm::output::ConsoleTarget::Stream(Box::new(console::Stdout)),
+                Some(live.tap().clone()),
+            )));
+            Some(live)
         }
         None => None,
     };
@@ -337,7 +343,7 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         }
         None => guest::GUEST_ELF.to_vec(),
     };
-    let out: vmm::devices::serial::SerialOut = if args.quiet {
+    let out: Box<dyn vmm::output::OutputSink> = if args.quiet {
         Box::new(std::io::sink())
     } else {
         Box::new(console::Stdout)

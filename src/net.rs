@@ -1,13 +1,12 @@
 //! The guest's network device on the host: attaching virtio-net to a VM and
 //! connecting it to a TAP interface when the VM is live.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
 use netdev::{announce_frame, Tap, VirtioNet};
-use vmm::devices::net::FrameOut;
 use vmm::Machine;
 
 /// How the guest is networked.
@@ -19,19 +18,13 @@ pub struct NetOptions {
     pub mac: [u8; 6],
 }
 
-/// Put a virtio-net device with `mac` on `m`, sending frames to `out`.
-pub fn attach(m: &mut Machine, mac: [u8; 6], out: FrameOut) -> Result<()> {
-    let dev = VirtioNet::new(m.memory().clone(), mac, out)?;
+/// Put a virtio-net device with `mac` on `m`. The frames it sends are the
+/// VM's outputs, which go wherever the VM's output sink puts them.
+pub fn attach(m: &mut Machine, mac: [u8; 6]) -> Result<()> {
+    let dev = VirtioNet::new(m.memory().clone(), mac)?;
     m.devices
         .attach_net(Box::new(dev))
         .map_err(|e| anyhow::anyhow!("cannot attach the network device: {e}"))
-}
-
-/// Frames counted and dropped (a backup's own transmissions).
-pub fn discard(count: Arc<AtomicU64>) -> FrameOut {
-    Box::new(move |_| {
-        count.fetch_add(1, Ordering::Relaxed);
-    })
 }
 
 /// A TAP interface serving a live VM: received frames go to the VM's input
@@ -56,12 +49,6 @@ impl LiveTap {
         &self.tap
     }
 
-    /// A frame output that sends straight to the wire.
-    pub fn output(&self) -> FrameOut {
-        let tap = self.tap.clone();
-        Box::new(move |f| tap.send_logged(&f))
-    }
-
     /// Tell every bridge and switch on the way where `mac` lives now.
     pub fn announce(&self, mac: [u8; 6]) {
         let frame = announce_frame(mac);
@@ -78,14 +65,4 @@ impl Drop for LiveTap {
             let _ = r.join();
         }
     }
-}
-
-/// Make `m` a live networked VM on `opts.tap`: frames go straight out.
-pub fn go_live(m: &mut Machine, opts: &NetOptions) -> Result<LiveTap> {
-    let live = LiveTap::open(&opts.tap, m)?;
-    if let Some(dev) = m.devices.net() {
-        drop(dev.set_output(live.output()));
-    }
-    live.announce(opts.mac);
-    Ok(live)
 }

@@ -1,13 +1,20 @@
 //! Guest output on its way to the outside world (the output rule).
 //!
+//! Every output (a console write, a transmitted frame) has a log entry of
+//! its own, logged by the recorder at the exit that produced it; the run
+//! loop hands the output with that entry's sequence number (its tag) to the
+//! VM's output sink. On the primary the sink is the [`OutputGate`]: an
+//! output waits there until the backup has acknowledged its entry.
+//!
 //! Console output is a byte stream addressed by offset (bytes since boot,
 //! the same on both sides), written into the console file with positioned
-//! writes: a backup that goes live rewrites what it produced at the same
-//! offsets (identical bytes), so an outside reader sees neither a gap nor a
-//! contradiction. On the primary, console bytes and network frames wait in
-//! one [`OutputGate`] until the backup has acknowledged the log entry they
-//! depend on.
+//! writes. A backup keeps what it produced while replaying, with tags
+//! ([`HeldOutputs`]); going live, it rewrites those console bytes at the
+//! same offsets (identical bytes: an outside reader sees neither a gap nor a
+//! contradiction) and sends those frames again (the primary may not have
+//! released them; a duplicate is harmless to TCP).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -18,16 +25,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ftlog::{Acks, PrimarySender};
-use netdev::OutputGate;
+use netdev::{OutputGate, Tap};
+pub use vmm::output::{Output, OutputSink, Stream, Tag};
 
-/// An output to the outside world, held by the output gate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
-    /// Console bytes at this stream offset.
-    Console(u64, Vec<u8>),
-    /// A network frame.
-    Frame(Vec<u8>),
-}
+/// The most outputs the primary's gate holds unreleased, and so the most a
+/// backup must keep to re-send at go-live. Assumption until the channel
+/// carries the primary's "released through" watermark: the gate never
+/// holds more (see [`forget_released`]).
+pub const MAX_UNRELEASED: usize = 4096;
 
 /// The console file, written at stream offsets.
 #[derive(Clone)]
@@ -53,85 +58,111 @@ impl ConsoleFile {
     }
 }
 
-/// Serial output on the primary: tagged with the last log entry and held in
-/// the gate until the backup has it.
-pub struct GatedSerial {
+/// The primary's outputs: held in the gate under their own entry's tag.
+pub struct GatedOutputs {
     gate: OutputGate<Output>,
-    tx: Arc<PrimarySender>,
-    offset: u64,
 }
 
-impl GatedSerial {
-    /// Hold console output in `gate`, tagged from `tx`'s log position.
-    pub fn new(gate: OutputGate<Output>, tx: Arc<PrimarySender>) -> Self {
-        GatedSerial {
-            gate,
-            tx,
-            offset: 0,
-        }
+impl GatedOutputs {
+    /// Hold outputs in `gate`.
+    pub fn new(gate: OutputGate<Output>) -> Self {
+        GatedOutputs { gate }
     }
 }
 
-impl Write for GatedSerial {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let tag = self.tx.next_seq().checked_sub(1);
-        self.gate
-            .hold(tag, Output::Console(self.offset, buf.to_vec()));
-        self.offset += buf.len() as u64;
-        Ok(buf.len())
-    }
+/// The tag an output with no entry waits for: none the backup will ever
+/// acknowledge, so only an open gate (the arbiter won) lets it out.
+const NEVER_ACKED: u64 = u64::MAX;
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+impl OutputSink for GatedOutputs {
+    fn put(&mut self, output: Output, tag: Tag) {
+        self.gate.hold(Some(tag.unwrap_or(NEVER_ACKED)), output);
     }
 }
 
-/// Serial output on a backup: kept with its offsets, shown only on go-live.
+/// A backup's outputs while it replays: kept with their tags (bounded), to
+/// be put out again when it goes live.
 #[derive(Clone, Default)]
-pub struct HeldSerial(Arc<Mutex<(u64, Vec<u8>)>>);
+pub struct HeldOutputs(Arc<Mutex<VecDeque<(Output, Tag)>>>);
 
-impl HeldSerial {
-    /// Everything the backup's guest has written so far.
-    pub fn produced(&self) -> Vec<u8> {
-        self.0.lock().map(|g| g.1.clone()).unwrap_or_default()
+/// Forget the held outputs the primary has certainly released. The only
+/// place that decides it: today by count (the primary never holds more
+/// than [`MAX_UNRELEASED`] unreleased, so older ones are out); with the
+/// channel's "released through seq N" watermark, every output tagged at or
+/// below N.
+fn forget_released(held: &mut VecDeque<(Output, Tag)>) {
+    while held.len() > MAX_UNRELEASED {
+        held.pop_front();
     }
 }
 
-impl Write for HeldSerial {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+impl HeldOutputs {
+    /// Take what is held, oldest first.
+    pub fn take(&self) -> Vec<(Output, Tag)> {
+        self.0
+            .lock()
+            .map(|mut g| g.drain(..).collect())
+            .unwrap_or_default()
+    }
+
+    /// Outputs held now.
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|g| g.len()).unwrap_or(0)
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl OutputSink for HeldOutputs {
+    fn put(&mut self, output: Output, tag: Tag) {
         if let Ok(mut g) = self.0.lock() {
-            g.1.extend_from_slice(buf);
+            g.push_back((output, tag));
+            forget_released(&mut g);
         }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
-/// Serial output of a live VM with no backup: straight to the console file.
-pub struct DirectSerial {
-    console: ConsoleFile,
-    offset: u64,
+/// Where the console of a VM that needs no acknowledgement goes.
+pub enum ConsoleTarget {
+    /// The console file, at stream offsets.
+    File(ConsoleFile),
+    /// A stream (the terminal), in order.
+    Stream(Box<dyn Write + Send>),
 }
 
-impl DirectSerial {
-    /// Write into `console` from stream offset `offset` on.
-    pub fn new(console: ConsoleFile, offset: u64) -> Self {
-        DirectSerial { console, offset }
+/// Outputs of a VM that waits for no backup (alone after winning the
+/// arbiter, or never paired): console bytes to the console, frames to the
+/// TAP.
+pub struct Direct {
+    console: ConsoleTarget,
+    tap: Option<Tap>,
+}
+
+impl Direct {
+    /// Console to `console`, frames to `tap` (dropped without one).
+    pub fn new(console: ConsoleTarget, tap: Option<Tap>) -> Self {
+        Direct { console, tap }
     }
 }
 
-impl Write for DirectSerial {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.console.put(self.offset, buf);
-        self.offset += buf.len() as u64;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+impl OutputSink for Direct {
+    fn put(&mut self, output: Output, _tag: Tag) {
+        match (output.stream, &mut self.console) {
+            (Stream::Console, ConsoleTarget::File(f)) => f.put(output.position, &output.bytes),
+            (Stream::Console, ConsoleTarget::Stream(w)) => {
+                if let Err(e) = w.write_all(&output.bytes).and_then(|()| w.flush()) {
+                    tracing::warn!("console output lost at offset {}: {e}", output.position);
+                }
+            }
+            (Stream::Net, _) => {
+                if let Some(t) = &self.tap {
+                    t.send_logged(&output.bytes);
+                }
+            }
+        }
     }
 }
 
@@ -180,14 +211,14 @@ pub fn releaser(
     let mut report = ReleaseReport::default();
     let mut put = |released: Vec<netdev::Released<Output>>| {
         for r in released {
-            match r.item {
-                Output::Console(offset, bytes) => {
-                    console.put(offset, &bytes);
+            match r.item.stream {
+                Stream::Console => {
+                    console.put(r.item.position, &r.item.bytes);
                     report.output_delays.push(r.held_for);
                 }
-                Output::Frame(frame) => {
+                Stream::Net => {
                     if let Some(t) = &tap {
-                        t.send_logged(&frame);
+                        t.send_logged(&r.item.bytes);
                     }
                     report.frame_delays.push(r.held_for);
                 }
@@ -199,4 +230,46 @@ pub fn releaser(
     }
     put(gate.take_released());
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn console(position: u64) -> Output {
+        Output {
+            stream: Stream::Console,
+            position,
+            bytes: vec![b'x'],
+        }
+    }
+
+    #[test]
+    fn a_backup_keeps_a_bounded_tail_of_its_outputs_with_tags() {
+        let mut held = HeldOutputs::default();
+        for i in 0..(MAX_UNRELEASED as u64 + 10) {
+            held.put(console(i), Some(i));
+        }
+        let kept = held.take();
+        assert_eq!(kept.len(), MAX_UNRELEASED);
+        assert_eq!(kept[0], (console(10), Some(10)), "the oldest went first");
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn the_primary_holds_an_untagged_output_until_the_gate_opens() {
+        let gate = OutputGate::new();
+        let mut g = GatedOutputs::new(gate.clone());
+        g.put(console(0), Some(3));
+        g.put(console(1), None);
+        gate.ack(1_000_000);
+        let out: Vec<u64> = gate
+            .take_released()
+            .into_iter()
+            .map(|r| r.item.position)
+            .collect();
+        assert_eq!(out, [0], "the unlogged one waits for the arbiter");
+        gate.open();
+        assert_eq!(gate.take_released().len(), 1);
+    }
 }

@@ -16,7 +16,7 @@ use crate::ft_options::FtOptions;
 use crate::go_live::win_arbiter;
 use crate::heartbeat::Role;
 use crate::net::{self, LiveTap};
-use crate::output::{ack_pump, releaser, ConsoleFile, GatedSerial, Output};
+use crate::output::{ack_pump, releaser, ConsoleFile, GatedOutputs, Output};
 use crate::rr::{header_for, RecordOptions};
 use crate::throttle::Throttled;
 
@@ -96,22 +96,20 @@ pub fn run_primary(
         digest_every: Some(ft.digest_every),
         net_mac: ft.net.as_ref().map(|n| n.mac),
     };
-    let header = header_for(image, &cfg, &opts);
+    let header = header_for(image, &cfg, &opts)?;
+    // The guest gets exactly the CPUID table the header tells the backup.
+    cfg.cpuid = Some(header.cpuid.clone());
     let tx = Arc::new(connect(peer, &ft.channel_config(), &header)?);
     let console = ConsoleFile::open(&ft.console)?;
+    // Every output (console bytes, frames) waits in the gate until the
+    // backup has acknowledged its own log entry.
     let gate = OutputGate::new();
-    cfg.serial_out = Box::new(GatedSerial::new(gate.clone(), tx.clone()));
+    cfg.outputs = Box::new(GatedOutputs::new(gate.clone()));
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
-    // The primary reads its TAP from the start; what it sends waits in the
-    // gate like console output.
+    // The primary reads its TAP from the start.
     let live_tap = match &ft.net {
         Some(n) => {
-            let (g, t) = (gate.clone(), tx.clone());
-            net::attach(
-                &mut m,
-                n.mac,
-                Box::new(move |f| g.hold(t.next_seq().checked_sub(1), Output::Frame(f))),
-            )?;
+            net::attach(&mut m, n.mac)?;
             Some(LiveTap::open(&n.tap, &m)?)
         }
         None => None,

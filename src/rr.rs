@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ftlog::{DigestKind, EntryKind, ExecBackend, ExecPoint, LogHeader, LogReader, LogWriter};
-use vmm::devices::serial::SerialOut;
 use vmm::digest::image_digest;
+use vmm::output::OutputSink;
 use vmm::points::PointMode;
 use vmm::record::{LogSink, RecordStats, Recorder};
-use vmm::replay::{ReaderSource, ReplayStats, Replayer};
+use vmm::replay::{LogSource, ReaderSource, ReplayStats, Replayer};
 use vmm::{Machine, MachineConfig, RunEnd};
 
 use crate::console;
@@ -61,9 +61,14 @@ pub struct Recorded {
     pub bytes: u64,
 }
 
-/// The header a recording of `image` with `cfg` writes.
-pub fn header_for(image: &[u8], cfg: &MachineConfig, opts: &RecordOptions) -> LogHeader {
-    LogHeader {
+/// The header a recording of `image` with `cfg` writes. Its CPUID table is
+/// `cfg.cpuid`, or this host's guest table.
+pub fn header_for(image: &[u8], cfg: &MachineConfig, opts: &RecordOptions) -> Result<LogHeader> {
+    let cpuid = match &cfg.cpuid {
+        Some(t) => t.clone(),
+        None => vmm::arch::cpuid::host_guest_table().context("cannot compute the guest CPUID")?,
+    };
+    Ok(LogHeader {
         backend: opts.backend,
         image_digest: image_digest(image),
         mem_mib: cfg.mem_mib as u32,
@@ -71,7 +76,8 @@ pub fn header_for(image: &[u8], cfg: &MachineConfig, opts: &RecordOptions) -> Lo
         state_digest: DigestKind::Blake3RegsRam,
         digest_interval_ms: opts.digest_every.map(|d| d.as_millis() as u64),
         net_mac: opts.net_mac,
-    }
+        cpuid,
+    })
 }
 
 /// Boot `image` and record the run into `log` until the guest stops.
@@ -84,7 +90,8 @@ pub fn record<W: Write>(
     on_start: impl FnOnce(&Machine),
 ) -> Result<Recorded> {
     cfg.points = PointMode::for_backend(opts.backend)?;
-    let header = header_for(image, &cfg, &opts);
+    let header = header_for(image, &cfg, &opts)?;
+    cfg.cpuid = Some(header.cpuid.clone());
     let writer = LogWriter::new(log, &header).context("cannot start the log")?;
     let sink = ProgressSink { writer, progress };
     let mut rec = Recorder::new(sink, opts.digest_every);
@@ -114,14 +121,17 @@ pub struct Replayed {
     pub exits: u64,
     /// The log's backend.
     pub backend: ExecBackend,
+    /// The log ended without its end marker (its recorder died): the
+    /// replay went up to its last complete entry.
+    pub cut_short: bool,
 }
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Replay `log` on `image`, writing the guest's serial output to `out`.
-pub fn replay<R: Read>(image: &[u8], log: R, out: SerialOut) -> Result<Replayed> {
+/// Replay `log` on `image`, sending the guest's outputs to `out`.
+pub fn replay<R: Read>(image: &[u8], log: R, out: Box<dyn OutputSink>) -> Result<Replayed> {
     let reader = LogReader::new(log).context("cannot read the log")?;
     let header = reader.header().clone();
     let digest = image_digest(image);
@@ -135,6 +145,7 @@ pub fn replay<R: Read>(image: &[u8], log: R, out: SerialOut) -> Result<Replayed>
     }
     let mut cfg = MachineConfig::new(u64::from(header.mem_mib), &header.cmdline, out);
     cfg.points = PointMode::for_backend(header.backend)?;
+    cfg.cpuid = Some(header.cpuid.clone());
     // The backup's clocks are silent: every input comes from the log.
     cfg.live_timers = false;
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
@@ -146,6 +157,7 @@ pub fn replay<R: Read>(image: &[u8], log: R, out: SerialOut) -> Result<Replayed>
         stats: rep.stats(),
         exits: m.exit_count(),
         backend: header.backend,
+        cut_short: rep.source().cut_short(),
     })
 }
 
@@ -186,12 +198,17 @@ pub fn record_file(
 }
 
 /// `ftvmm replay`: replay the file `log` on `image`, and say how it went.
-pub fn replay_file(image: &[u8], log: &Path, out: SerialOut) -> Result<Replayed> {
+pub fn replay_file(image: &[u8], log: &Path, out: Box<dyn OutputSink>) -> Result<Replayed> {
     let file =
         std::fs::File::open(log).with_context(|| format!("cannot open log {}", log.display()))?;
     let start = Instant::now();
     let done = replay(image, std::io::BufReader::new(file), out)
         .with_context(|| format!("replay of {} failed", log.display()))?;
+    if done.cut_short {
+        eprintln!(
+            "ftvmm: the log ends early (its recorder died): the replay used every complete entry and stopped at the last point"
+        );
+    }
     eprintln!(
         "ftvmm: replay matched the recording ({} backend): {} entries, {} state digests equal, {} exits, ended {:?}, {:.2}s",
         done.backend,

@@ -97,14 +97,22 @@ impl vmm::Observer for Throttled {
         self.inner.at_point(m)
     }
 
-    fn on_read(
+    fn on_sample(
         &mut self,
         m: &mut Machine,
-        src: vmm::ReadSource,
-        class: vmm::devices::ReadClass,
-        data: &mut [u8],
+        at: vmm::Access,
+        kind: Option<vmm::devices::SampleKind>,
+        values: &[u64],
     ) -> vmm::Result<()> {
-        self.inner.on_read(m, src, class, data)
+        self.inner.on_sample(m, at, kind, values)
+    }
+
+    fn on_output(
+        &mut self,
+        m: &mut Machine,
+        out: &vmm::output::Output,
+    ) -> vmm::Result<Option<u64>> {
+        self.inner.on_output(m, out)
     }
 
     fn on_inject(&mut self, m: &mut Machine, vector: u8) -> vmm::Result<()> {

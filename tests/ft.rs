@@ -39,7 +39,7 @@ fn backup_replays_the_live_channel_and_matches_every_digest() {
         digest_every: Some(Duration::from_millis(25)),
         net_mac: None,
     };
-    let header = header_for(GUEST_ELF, &config(cmd, &Capture::new(), true), &opts);
+    let header = header_for(GUEST_ELF, &config(cmd, &Capture::new(), true), &opts).unwrap();
     let listener = BackupListener::bind(
         "127.0.0.1:0",
         &ChannelConfig::new(key.clone()),

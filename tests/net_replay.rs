@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::kvm_or_skip;
 use ftlog::EntryKind;
-use ftvmm::console::Capture;
 use ftvmm::guest::GUEST_ELF;
+use vmm::output::Collector;
 use vmm::points::PointMode;
 use vmm::record::{MemorySink, Recorder};
 use vmm::replay::{MemorySource, Replayer};
@@ -38,21 +37,18 @@ fn arp_request(n: u8) -> Vec<u8> {
     f
 }
 
-type Frames = Arc<Mutex<Vec<Vec<u8>>>>;
-
-/// Give `m` the network device, collecting what it transmits into `sent`.
-fn attach(m: &mut Machine, sent: &Frames) {
-    let s = sent.clone();
-    ftvmm::net::attach(m, MAC, Box::new(move |f| s.lock().unwrap().push(f))).unwrap();
-}
-
-fn machine(out: &Capture, live: bool, sent: &Frames) -> Machine {
+/// A networked VM whose console and frames go to `out`.
+fn machine(out: &Collector, live: bool) -> Machine {
     let mut c = MachineConfig::new(32, CMDLINE, Box::new(out.clone()));
     c.points = PointMode::Exits;
     c.live_timers = live;
     let mut m = Machine::new(c, GUEST_ELF).unwrap();
-    attach(&mut m, sent);
+    ftvmm::net::attach(&mut m, MAC).unwrap();
     m
+}
+
+fn text(out: &Collector) -> String {
+    String::from_utf8_lossy(&out.console()).into_owned()
 }
 
 fn is_arp_reply_to_client(f: &[u8]) -> bool {
@@ -64,9 +60,8 @@ fn a_networked_guest_replays_exactly_and_sends_the_same_frames() {
     if !kvm_or_skip() {
         return;
     }
-    let out = Capture::new();
-    let sent = Frames::default();
-    let mut m = machine(&out, true, &sent);
+    let out = Collector::new();
+    let mut m = machine(&out, true);
     let inputs = m.host_inputs();
     // Frames arrive from another thread while the guest runs, as from a TAP.
     let feeder = std::thread::spawn(move || {
@@ -79,14 +74,14 @@ fn a_networked_guest_replays_exactly_and_sends_the_same_frames() {
     let end = m.run(&mut rec).unwrap();
     feeder.join().unwrap();
     rec.finish(&mut m, end).unwrap();
-    assert_eq!(end, RunEnd::PowerOff(0), "{}", out.text());
+    assert_eq!(end, RunEnd::PowerOff(0), "{}", text(&out));
     let entries = rec.into_sink().entries;
     let rx = entries
         .iter()
         .filter(|e| matches!(e.kind, EntryKind::RxFrame { .. }))
         .count();
-    assert!(rx >= 10, "only {rx} frames were delivered:\n{}", out.text());
-    let replies = sent.lock().unwrap().clone();
+    assert!(rx >= 10, "only {rx} frames were delivered:\n{}", text(&out));
+    let replies = out.frames();
     assert!(
         replies.iter().filter(|f| is_arp_reply_to_client(f)).count() >= rx.min(10),
         "the guest answered {} of {rx} ARP requests",
@@ -94,20 +89,19 @@ fn a_networked_guest_replays_exactly_and_sends_the_same_frames() {
     );
     let digest = m.digest().unwrap();
 
-    let out2 = Capture::new();
-    let sent2 = Frames::default();
-    let mut b = machine(&out2, false, &sent2);
+    let out2 = Collector::new();
+    let mut b = machine(&out2, false);
     let mut rep = Replayer::new(MemorySource::new(entries));
     let end2 = b.run(&mut rep).unwrap();
     rep.finish(&mut b, end2).unwrap();
     assert_eq!(end2, end);
-    assert_eq!(out2.text(), out.text(), "console differs");
+    assert_eq!(text(&out2), text(&out), "console differs");
     assert_eq!(b.digest().unwrap(), digest, "memory + registers differ");
-    assert_eq!(
-        *sent2.lock().unwrap(),
-        replies,
-        "the replay sent other frames"
-    );
+    assert_eq!(out2.frames(), replies, "the replay sent other frames");
+    // Every output, console byte or frame, has its own entry, and the
+    // replay tagged each with the same entry as the recording.
+    assert_eq!(out2.all(), out.all(), "outputs or their tags differ");
+    assert!(out.all().iter().all(|(_, tag)| tag.is_some()));
 }
 
 #[test]
@@ -115,9 +109,8 @@ fn a_perturbed_frame_is_caught_by_divergence_detection() {
     if !kvm_or_skip() {
         return;
     }
-    let out = Capture::new();
-    let sent = Frames::default();
-    let mut m = machine(&out, true, &sent);
+    let out = Collector::new();
+    let mut m = machine(&out, true);
     for n in 0..5 {
         m.host_inputs().push_frame(arp_request(n));
     }
@@ -132,7 +125,7 @@ fn a_perturbed_frame_is_caught_by_divergence_detection() {
     if let EntryKind::RxFrame { bytes, .. } = &mut entries[i].kind {
         bytes[38..42].copy_from_slice(&[10, 99, 0, 3]); // asks for another IP
     }
-    let mut b = machine(&Capture::new(), false, &Frames::default());
+    let mut b = machine(&Collector::new(), false);
     let mut rep = Replayer::new(MemorySource::new(entries));
     let err = b
         .run(&mut rep)
@@ -147,7 +140,7 @@ fn a_snapshot_of_a_networked_vm_continues_like_the_original() {
         return;
     }
     // Virtual time and seeded entropy make the two runs comparable.
-    let config = |out: &Capture| {
+    let config = |out: &Collector| {
         let mut c = MachineConfig::new(32, CMDLINE, Box::new(out.clone()));
         c.clock = vmm::clock::ClockMode::Virtual {
             ns_per_exit: 20_000,
@@ -160,13 +153,12 @@ fn a_snapshot_of_a_networked_vm_continues_like_the_original() {
             m.host_inputs().push_frame(arp_request(n));
         }
     };
-    let out = Capture::new();
-    let sent = Frames::default();
+    let out = Collector::new();
     let mut a = Machine::new(config(&out), GUEST_ELF).unwrap();
-    attach(&mut a, &sent);
+    ftvmm::net::attach(&mut a, MAC).unwrap();
     feed(&a);
     assert_eq!(a.run(&mut vmm::Live).unwrap(), RunEnd::PowerOff(0));
-    let whole = (out.text(), sent.lock().unwrap().clone());
+    let whole = out.all();
     let exits = a.exit_count();
 
     // Same run, paused after the network is up, snapshotted and restored.
@@ -179,10 +171,9 @@ fn a_snapshot_of_a_networked_vm_continues_like_the_original() {
             vmm::Live.at_point(m)
         }
     }
-    let out1 = Capture::new();
-    let sent1 = Frames::default();
+    let out1 = Collector::new();
     let mut b = Machine::new(config(&out1), GUEST_ELF).unwrap();
-    attach(&mut b, &sent1);
+    ftvmm::net::attach(&mut b, MAC).unwrap();
     feed(&b);
     assert_eq!(b.run(&mut PauseAfter(exits / 2)).unwrap(), RunEnd::Paused);
     let snap = b.snapshot().unwrap();
@@ -196,11 +187,13 @@ fn a_snapshot_of_a_networked_vm_continues_like_the_original() {
         "frames were delivered before the snapshot"
     );
     let mut c = Machine::restore(&snap, config(&out1)).unwrap();
-    attach(&mut c, &sent1);
+    ftvmm::net::attach(&mut c, MAC).unwrap();
     // Frames still queued in the old VM's host queue move with it.
     while let Some(f) = b.host_inputs().take_frame() {
         c.host_inputs().push_frame(f);
     }
     assert_eq!(c.run(&mut vmm::Live).unwrap(), RunEnd::PowerOff(0));
-    assert_eq!((out1.text(), sent1.lock().unwrap().clone()), whole);
+    // Same outputs at the same positions: the restored VM goes on numbering
+    // console bytes and frames where the original was.
+    assert_eq!(out1.all(), whole);
 }

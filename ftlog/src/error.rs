@@ -48,6 +48,21 @@ pub enum LogError {
         present: u64,
     },
 
+    /// A frame claims more bytes than the stream has, but the entry after
+    /// it starts inside them: the length field is damaged (not a stream
+    /// cut in the middle of its last frame).
+    #[error(
+        "damaged length in {at}: it claims {claimed} bytes, but the next entry starts at byte {next_at}"
+    )]
+    DamagedLength {
+        /// The damaged frame.
+        at: FramePos,
+        /// Bytes the damaged head claims (head included).
+        claimed: u64,
+        /// Where the next entry's frame starts.
+        next_at: u64,
+    },
+
     /// A frame's payload does not match its CRC-32.
     #[error("checksum mismatch in {at}: stored {stored:#010x}, computed {computed:#010x}")]
     Checksum {

@@ -98,7 +98,9 @@ fn every_single_bit_flip_is_caught() {
         assert_eq!(got.len(), before, "bit {bit}");
         let err_frame = match &err {
             LogError::Checksum { at, .. } => at.index,
-            LogError::Truncated { at, .. } | LogError::FrameTooLarge { at, .. } => {
+            LogError::Truncated { at, .. }
+            | LogError::DamagedLength { at, .. }
+            | LogError::FrameTooLarge { at, .. } => {
                 assert!(
                     within < 4,
                     "bit {bit}: only a length flip can do that: {err}"
@@ -475,5 +477,30 @@ fn after_a_failed_write_the_writer_refuses_more() {
     // What reached the sink reads as a truncated log, not a wrong one.
     let (got, end) = read_until_end(&w.get_ref().got);
     assert!(got.is_empty());
+    assert!(matches!(end, Err(LogError::Truncated { .. })), "{end:?}");
+}
+
+#[test]
+fn a_damaged_length_mid_log_is_told_apart_from_a_cut_last_frame() {
+    let (entries, bytes) = small_log();
+    let starts = frame_starts(&bytes);
+    // Frame 2 (entry 1) claims more bytes than the stream has left, so it
+    // swallows entry 2 and everything after: damage, not a cut.
+    let f = starts[2];
+    let mut bad = bytes.clone();
+    let claim = (bytes.len() - f) as u32 + 100;
+    bad[f..f + 4].copy_from_slice(&claim.to_le_bytes());
+    let (got, end) = read_until_end(&bad);
+    assert_eq!(got, entries[..1]);
+    match end {
+        Err(LogError::DamagedLength { at, next_at, .. }) => {
+            assert_eq!(at.index, 2);
+            assert_eq!(next_at, starts[3] as u64);
+        }
+        other => panic!("expected DamagedLength, got {other:?}"),
+    }
+    // The same stream cut inside its last frame is a cut.
+    let (got, end) = read_until_end(&bytes[..bytes.len() - 3]);
+    assert_eq!(got.len(), entries.len() - 1);
     assert!(matches!(end, Err(LogError::Truncated { .. })), "{end:?}");
 }

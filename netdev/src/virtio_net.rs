@@ -2,8 +2,9 @@
 //! virtio-queue.
 //!
 //! Everything runs on the vCPU thread inside the exit that caused it: a
-//! transmit notify is handled before the MMIO write returns (the frame leaves
-//! through the [`FrameOut`], and the guest gets its buffer back at once), and
+//! transmit notify is handled before the MMIO write returns (the frame is the
+//! access's output, [`DeviceCtx::emit`], and the guest gets its buffer back at
+//! once), and
 //! a received frame is written into guest memory only when the run loop hands
 //! it over at an execution point. Nothing here writes guest memory while the
 //! guest runs, so a backup replaying the log reproduces the device exactly.
@@ -19,9 +20,10 @@ use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::devices::net::{FrameOut, NetDevice, NetState, QueueSnap, NET_IRQ};
+use vmm::devices::net::{NetDevice, NetState, QueueSnap, NET_IRQ};
 use vmm::devices::{BusDevice, DeviceCtx};
 use vmm::memory::GuestRam;
+use vmm::output::Stream;
 
 use crate::NetError;
 
@@ -54,15 +56,15 @@ pub struct VirtioNet {
     queue_sel: u32,
     interrupt_status: u32,
     mac: [u8; 6],
-    out: FrameOut,
     rx_frames: u64,
     tx_frames: u64,
 }
 
 impl VirtioNet {
-    /// A device with `mac`, reading and writing the guest's memory `mem`, that
-    /// hands transmitted frames (without the virtio header) to `out`.
-    pub fn new(mem: GuestRam, mac: [u8; 6], out: FrameOut) -> Result<Self, NetError> {
+    /// A device with `mac`, reading and writing the guest's memory `mem`.
+    /// Transmitted frames (without the virtio header) are the outputs of the
+    /// MMIO write that notified the transmit queue.
+    pub fn new(mem: GuestRam, mac: [u8; 6]) -> Result<Self, NetError> {
         let queue = || Queue::new(QUEUE_MAX).map_err(|e| NetError::Queue(format!("{e:?}")));
         Ok(VirtioNet {
             mem,
@@ -74,7 +76,6 @@ impl VirtioNet {
             queue_sel: 0,
             interrupt_status: 0,
             mac,
-            out,
             rx_frames: 0,
             tx_frames: 0,
         })
@@ -137,7 +138,7 @@ impl VirtioNet {
             sent = true;
             if buf.len() > NET_HDR_LEN {
                 self.tx_frames += 1;
-                (self.out)(buf.split_off(NET_HDR_LEN));
+                ctx.emit(Stream::Net, buf.split_off(NET_HDR_LEN));
             }
         }
         if sent {
@@ -333,10 +334,6 @@ impl NetDevice for VirtioNet {
         self.rx_frames += 1;
         self.notify(RX_QUEUE, ctx);
         true
-    }
-
-    fn set_output(&mut self, out: FrameOut) -> FrameOut {
-        std::mem::replace(&mut self.out, out)
     }
 
     fn mac(&self) -> [u8; 6] {

@@ -4,14 +4,13 @@
 // Test and bench code: a panic is how a failure is reported.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
-
 use netdev::virtio_net::{NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use netdev::VirtioNet;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::net::{NetDevice, NET_IRQ};
 use vmm::devices::{BusDevice, DeviceCtx};
 use vmm::memory::{create_ram, GuestRam};
+use vmm::output::Stream;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
 const QSIZE: u16 = 8;
@@ -25,12 +24,9 @@ fn buf(q: usize, i: u16) -> u64 {
     0x20_0000 + q as u64 * 0x10_0000 + u64::from(i) * 0x1000
 }
 
-type Sent = Arc<Mutex<Vec<Vec<u8>>>>;
-
 struct Driver {
     mem: GuestRam,
     dev: VirtioNet,
-    sent: Sent,
     avail_idx: [u16; 2],
 }
 
@@ -49,18 +45,10 @@ fn wr(dev: &mut VirtioNet, off: u64, v: u32) -> DeviceCtx {
 impl Driver {
     fn new() -> Driver {
         let mem = create_ram(16).unwrap();
-        let sent: Sent = Arc::default();
-        let s = sent.clone();
-        let dev = VirtioNet::new(
-            mem.clone(),
-            MAC,
-            Box::new(move |f| s.lock().unwrap().push(f)),
-        )
-        .unwrap();
+        let dev = VirtioNet::new(mem.clone(), MAC).unwrap();
         Driver {
             mem,
             dev,
-            sent,
             avail_idx: [0; 2],
         }
     }
@@ -192,12 +180,12 @@ fn transmit_strips_the_header_completes_at_once_and_interrupts() {
             (buf(TX_QUEUE, 1), 70, false),
         ],
     );
-    assert!(
-        d.sent.lock().unwrap().is_empty(),
-        "nothing before the notify"
-    );
     let ctx = wr(&mut d.dev, 0x50, TX_QUEUE as u32);
-    assert_eq!(*d.sent.lock().unwrap(), vec![frame]);
+    assert_eq!(
+        ctx.outputs,
+        vec![(Stream::Net, frame)],
+        "the notify's access sends the frame"
+    );
     assert_eq!(d.used(TX_QUEUE), (1, vec![(0, 0)]));
     assert_eq!(ctx.irq_pulses, vec![NET_IRQ]);
     assert_eq!(rd(&mut d.dev, 0x60), 1, "used-buffer interrupt");
@@ -254,7 +242,7 @@ fn a_restored_device_continues_exactly_where_the_original_was() {
     }
     assert!(d.dev.receive(b"first frame", &mut DeviceCtx::default()));
     let state = d.dev.state();
-    let mut copy = VirtioNet::new(d.mem.clone(), [0; 6], Box::new(|_| {})).unwrap();
+    let mut copy = VirtioNet::new(d.mem.clone(), [0; 6]).unwrap();
     copy.restore(&state).unwrap();
     assert_eq!(copy.state(), state);
     assert_eq!(copy.mac(), MAC);

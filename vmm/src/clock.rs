@@ -72,6 +72,22 @@ impl Clock {
         }
     }
 
+    /// Make the clock read at least `ns` from now on (never backwards): a
+    /// backup going live continues from the latest time its guest was given.
+    pub fn advance_to(&mut self, ns: u64) {
+        let now = self.now_ns();
+        if ns <= now {
+            return;
+        }
+        match self.mode {
+            ClockMode::Host => {
+                let ahead = std::time::Duration::from_nanos(ns - now);
+                self.start = self.start.checked_sub(ahead).unwrap_or(self.start);
+            }
+            ClockMode::Virtual { .. } => self.virtual_ns = ns,
+        }
+    }
+
     /// Idle until `ns`: virtual time jumps there at once.
     pub fn skip_to(&mut self, ns: u64) {
         if self.is_virtual() {
@@ -94,6 +110,20 @@ mod tests {
         c.skip_to(100);
         c.skip_to(50);
         assert_eq!(c.now_ns(), 100);
+    }
+
+    #[test]
+    fn advance_never_goes_back() {
+        let mut c = Clock::new(ClockMode::Host, 0);
+        c.advance_to(5_000_000_000);
+        assert!(c.now_ns() >= 5_000_000_000);
+        c.advance_to(1);
+        assert!(c.now_ns() >= 5_000_000_000);
+        let mut v = Clock::new(ClockMode::Virtual { ns_per_exit: 1 }, 10);
+        v.advance_to(3);
+        assert_eq!(v.now_ns(), 10);
+        v.advance_to(30);
+        assert_eq!(v.now_ns(), 30);
     }
 
     #[test]

@@ -78,6 +78,24 @@ pub enum Error {
     /// The log could not be read or written.
     #[error("log: {0}")]
     Log(#[from] ftlog::LogError),
+    /// The guest CPUID a log asks for is one this host cannot give.
+    #[error(
+        "this host cannot give the guest the log's CPUID: leaf {leaf:#x}.{subleaf} {register} {detail} \
+         (a backup needs a CPU with at least the primary's features)"
+    )]
+    CpuidUnsupported {
+        /// The leaf (EAX on input).
+        leaf: u32,
+        /// The subleaf (ECX on input).
+        subleaf: u32,
+        /// EAX, EBX, ECX or EDX.
+        register: &'static str,
+        /// Which bits or values, and their names.
+        detail: String,
+    },
+    /// A CPUID table could not be built.
+    #[error("CPUID table: {0}")]
+    Cpuid(String),
     /// The exit observer stopped the run with an error of its own.
     #[error("{0}")]
     Observer(String),

@@ -26,9 +26,14 @@ pub enum Input {
 /// a NIC drops when its ring is full; TCP recovers).
 pub const FRAME_QUEUE_MAX: usize = 512;
 
+/// Serial bytes a host thread may queue before new ones are dropped (as a
+/// UART overruns when nobody reads it).
+pub const SERIAL_QUEUE_MAX: usize = 64 * 1024;
+
 #[derive(Debug, Default)]
 struct Queue {
     serial: VecDeque<u8>,
+    serial_dropped: u64,
     frames: VecDeque<Vec<u8>>,
     frames_dropped: u64,
     stop: bool,
@@ -64,15 +69,30 @@ impl HostInputs {
         Some(r)
     }
 
-    /// Queue bytes for COM1 and wake the vCPU.
-    pub fn push_serial(&self, bytes: &[u8]) {
-        let k = self.with(|q| {
-            q.serial.extend(bytes);
-            q.kicker
+    /// Queue bytes for COM1 and wake the vCPU. Bytes beyond
+    /// [`SERIAL_QUEUE_MAX`] queued are dropped and counted (an overrun);
+    /// returns how many were queued.
+    pub fn push_serial(&self, bytes: &[u8]) -> usize {
+        let r = self.with(|q| {
+            let n = bytes
+                .len()
+                .min(SERIAL_QUEUE_MAX.saturating_sub(q.serial.len()));
+            q.serial.extend(&bytes[..n]);
+            q.serial_dropped += (bytes.len() - n) as u64;
+            (n, q.kicker)
         });
-        if let Some(Some(k)) = k {
+        let Some((n, kicker)) = r else {
+            return 0;
+        };
+        if let Some(k) = kicker {
             k.kick();
         }
+        n
+    }
+
+    /// Serial bytes dropped because the queue was full.
+    pub fn serial_dropped(&self) -> u64 {
+        self.with(|q| q.serial_dropped).unwrap_or(0)
     }
 
     /// Queue a received frame and wake the vCPU. Returns false if the queue
@@ -175,6 +195,19 @@ mod tests {
         assert_eq!(h.take_serial(2), b"he");
         assert_eq!(h.take_serial(10), b"llo");
         assert!(h.take_serial(10).is_empty());
+    }
+
+    #[test]
+    fn a_full_serial_queue_drops_and_counts_like_an_overrun() {
+        let h = HostInputs::new();
+        assert_eq!(
+            h.push_serial(&vec![b'a'; SERIAL_QUEUE_MAX - 1]),
+            SERIAL_QUEUE_MAX - 1
+        );
+        assert_eq!(h.push_serial(b"xyz"), 1);
+        assert_eq!(h.serial_dropped(), 2);
+        assert_eq!(h.take_serial(SERIAL_QUEUE_MAX).len(), SERIAL_QUEUE_MAX);
+        assert_eq!(h.push_serial(b"q"), 1, "room again once the guest read");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod link;
 pub mod loader;
 pub mod machine;
 pub mod memory;
+pub mod output;
 pub mod pmu;
 pub mod points;
 pub mod record;
@@ -23,5 +24,5 @@ pub mod snapshot;
 
 pub use error::{Error, Result};
 pub use machine::{Machine, MachineConfig};
-pub use run::{Flow, Live, Observer, ReadSource, RunEnd};
+pub use run::{Access, Flow, Live, Observer, RunEnd};
 pub use snapshot::VmSnapshot;

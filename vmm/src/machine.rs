@@ -14,12 +14,12 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::arch::{boot, cpuid, msr};
 use crate::clock::{Clock, ClockMode};
 use crate::devices::ftclock::Entropy;
-use crate::devices::serial::SerialOut;
 use crate::devices::Devices;
 use crate::inputs::{HostInputs, Input};
 use crate::kick::{self, Kicker, Ticker};
 use crate::loader::{self, KernelKind};
 use crate::memory::{self, GuestRam};
+use crate::output::{OutputCounters, OutputSink};
 use crate::pmu::PmuDrive;
 use crate::points::{ExecPoint, PointMode};
 use crate::{Error, Result};
@@ -43,8 +43,12 @@ pub struct MachineConfig {
     pub entropy: Entropy,
     /// Which exits are execution points.
     pub points: PointMode,
-    /// Where COM1 output goes.
-    pub serial_out: SerialOut,
+    /// Where the guest's outputs (console bytes, network frames) go, each
+    /// with its tag (the sequence number of its own log entry).
+    pub outputs: Box<dyn OutputSink>,
+    /// The guest's CPUID table, from a log header (a backup, a replay);
+    /// None: this host's table under the CPUID policy.
+    pub cpuid: Option<Vec<ftlog::CpuidEntry>>,
     /// Whether device timers fire from host time (false on a backup: its
     /// clocks are silent and every tick comes from the log).
     pub live_timers: bool,
@@ -67,15 +71,16 @@ pub enum PmuCounter {
 const PMU_MARGIN: u64 = 2 * 128 + 16;
 
 impl MachineConfig {
-    /// Defaults for a quick live run writing serial output to `out`.
-    pub fn new(mem_mib: u64, cmdline: &str, out: SerialOut) -> Self {
+    /// Defaults for a quick live run sending the guest's outputs to `out`.
+    pub fn new(mem_mib: u64, cmdline: &str, out: Box<dyn OutputSink>) -> Self {
         MachineConfig {
             mem_mib,
             cmdline: cmdline.to_string(),
             clock: ClockMode::Host,
             entropy: Entropy::Host,
             points: PointMode::AnyExit,
-            serial_out: out,
+            outputs: out,
+            cpuid: None,
             live_timers: true,
             pmu_counter: PmuCounter::Hardware,
         }
@@ -103,6 +108,11 @@ pub struct LoopState {
     pub point: Option<ExecPoint>,
     /// RIP at the previous exit while single-stepping (to recognise HLT).
     pub last_step_rip: Option<u64>,
+    /// What each output stream has carried since boot.
+    pub outputs: OutputCounters,
+    /// The latest time (ns of the device clock) a device gave the guest:
+    /// the clock never reads less once timers are live again.
+    pub latest_time_ns: u64,
 }
 
 /// A VM: KVM handles, memory, devices, clock and loop state.
@@ -113,6 +123,9 @@ pub struct Machine {
     mem: GuestRam,
     /// Emulated devices.
     pub devices: Devices,
+    /// Where outputs go.
+    pub(crate) outputs: Box<dyn OutputSink>,
+    cpuid: Vec<ftlog::CpuidEntry>,
     /// Time for devices.
     pub clock: Clock,
     /// Loop state.
@@ -183,8 +196,10 @@ impl Machine {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-        let guest = cpuid::guest_cpuid(&supported)
-            .map_err(|e| Error::Memory(format!("CPUID table: {e:?}")))?;
+        let guest = match &cfg.cpuid {
+            Some(table) => cpuid::from_log(table, &supported)?,
+            None => cpuid::guest_cpuid(&supported)?,
+        };
         vcpu.set_cpuid2(&guest)
             .map_err(Error::kvm("KVM_SET_CPUID2"))?;
         let mut m = Machine {
@@ -192,7 +207,9 @@ impl Machine {
             _vm: vm,
             vcpu,
             mem,
-            devices: Devices::new(cfg.serial_out, cfg.entropy),
+            devices: Devices::new(cfg.entropy),
+            outputs: cfg.outputs,
+            cpuid: cpuid::to_log(&guest),
             clock: Clock::new(cfg.clock, 0),
             ls: LoopState::default(),
             points: cfg.points,
@@ -288,9 +305,27 @@ impl Machine {
         self.live_timers
     }
 
-    /// Switch device timers on (a backup going live) or off.
+    /// Switch device timers on (a backup going live) or off. Switched on,
+    /// they continue from the device state as the log left it, without a
+    /// catch-up burst: the clock never reads less than the latest time the
+    /// guest was given, and deadlines that passed while the timers were
+    /// silent are rebased (`Pit::resume`), so no tick is due at once.
     pub fn set_live_timers(&mut self, on: bool) {
+        if on && !self.live_timers {
+            self.clock.advance_to(self.ls.latest_time_ns);
+            self.devices.pit.resume(self.clock.now_ns());
+        }
         self.live_timers = on;
+    }
+
+    /// Send the guest's outputs to `sink` from now on; returns the old sink.
+    pub fn set_output_sink(&mut self, sink: Box<dyn OutputSink>) -> Box<dyn OutputSink> {
+        std::mem::replace(&mut self.outputs, sink)
+    }
+
+    /// The CPUID table the guest sees (for a log header).
+    pub fn cpuid(&self) -> &[ftlog::CpuidEntry] {
+        &self.cpuid
     }
 
     /// Host-side input queue (serial input, stop requests). Clone it to feed
@@ -385,6 +420,9 @@ impl Machine {
             }
         };
         self.devices.route_irqs(&mut ctx);
+        // Receiving takes no host value and sends nothing: samples and
+        // outputs come only from the guest's own accesses, in the run loop.
+        debug_assert!(ctx.outputs.is_empty() && ctx.taken().is_none());
         applied
     }
 

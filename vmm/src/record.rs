@@ -1,16 +1,18 @@
 //! The recorder: an [`Observer`] that applies inputs as they come due and
-//! logs each one, every non-deterministic read, every injection and periodic
-//! state digests, with the execution point where it happened.
+//! logs each one, every host value a device takes in, every output, every
+//! injection and periodic state digests, with the execution point where it
+//! happened.
 
 use std::time::{Duration, Instant};
 
 use ftlog::{EndReason, EntryKind};
 
-use crate::devices::ReadClass;
+use crate::devices::SampleKind;
 use crate::inputs::Input;
 use crate::machine::Machine;
+use crate::output::Output;
 use crate::points::{ExecPoint, PointMode};
-use crate::run::{Flow, Observer, ReadSource, RunEnd};
+use crate::run::{Access, Flow, Observer, RunEnd};
 use crate::{Error, Result};
 
 /// Where recorded entries go (a log file, the logging channel, a Vec).
@@ -48,16 +50,37 @@ pub fn input_entry(input: &Input) -> EntryKind {
     }
 }
 
-/// The log entry for a non-deterministic read.
-pub fn read_entry(src: ReadSource, class: ReadClass, data: &[u8]) -> EntryKind {
-    let data = data.to_vec();
-    match (src, class) {
-        (ReadSource::Port(port), ReadClass::Entropy) => EntryKind::EntropyRead { port, data },
-        (ReadSource::Port(port), ReadClass::Clock) => EntryKind::ClockRead { port, data },
-        (ReadSource::Port(port), _) => EntryKind::PortIn { port, data },
-        (ReadSource::Mmio(addr), _) => EntryKind::MmioRead { addr, data },
-        (ReadSource::Msr(index), _) => EntryKind::MsrRead { index, data },
+/// The log entry for the host values a device access took in: each value
+/// as a u64 LE (docs/log-format.md).
+pub fn sample_entry(at: Access, kind: Option<SampleKind>, values: &[u64]) -> EntryKind {
+    let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    match (at, kind) {
+        (Access::Port(port), Some(SampleKind::Entropy)) => EntryKind::EntropyRead { port, data },
+        (Access::Port(port), Some(SampleKind::Time | SampleKind::Counter)) => {
+            EntryKind::ClockRead { port, data }
+        }
+        (Access::Port(port), _) => EntryKind::PortIn { port, data },
+        (Access::Mmio(addr), _) => EntryKind::MmioRead { addr, data },
+        (Access::Msr(index), _) => EntryKind::MsrRead { index, data },
     }
+}
+
+/// The host values a logged access entry holds; None if it holds none, or
+/// its data is not whole u64s.
+pub fn logged_values(kind: &EntryKind) -> Option<Vec<u64>> {
+    let data = kind.read_data()?;
+    if data.len() % 8 != 0 {
+        return None;
+    }
+    Some(
+        data.chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                u64::from_le_bytes(b)
+            })
+            .collect(),
+    )
 }
 
 /// Counters a status line can show.
@@ -67,8 +90,10 @@ pub struct RecordStats {
     pub entries: u64,
     /// Inputs applied (ticks, serial bursts).
     pub inputs: u64,
-    /// Non-deterministic reads logged.
+    /// Device accesses whose host values were logged.
     pub reads: u64,
+    /// Outputs logged.
+    pub outputs: u64,
     /// Interrupts injected.
     pub injections: u64,
     /// Digests logged.
@@ -106,10 +131,10 @@ impl<S: LogSink> Recorder<S> {
         Ok(())
     }
 
-    fn log(&mut self, point: ExecPoint, kind: EntryKind) -> Result<()> {
-        self.sink.append(point, kind)?;
+    fn log(&mut self, point: ExecPoint, kind: EntryKind) -> Result<u64> {
+        let seq = self.sink.append(point, kind)?;
         self.stats.entries += 1;
-        Ok(())
+        Ok(seq)
     }
 
     /// Log a state digest at the current point.
@@ -118,7 +143,7 @@ impl<S: LogSink> Recorder<S> {
         let value = m.digest()?;
         self.stats.digests += 1;
         self.last_digest = Instant::now();
-        self.log(point, EntryKind::Digest { value })
+        self.log(point, EntryKind::Digest { value }).map(drop)
     }
 
     /// Close the log after `run` returned `end`: a last digest, then the end
@@ -132,6 +157,7 @@ impl<S: LogSink> Recorder<S> {
                 reason: end_reason(end),
             },
         )
+        .map(drop)
     }
 
     /// Counters so far.
@@ -165,10 +191,12 @@ impl<S: LogSink> Observer for Recorder<S> {
         let inputs = m.poll_host_inputs();
         if !inputs.is_empty() {
             let point = m.point()?;
-            for input in inputs {
-                let applied = m.apply(&input);
+            // Every input taken from the host queue is applied, even if
+            // logging fails: a primary that goes on alone loses none.
+            let applied: Vec<Input> = inputs.iter().map(|i| m.apply(i)).collect();
+            for input in applied {
                 self.stats.inputs += 1;
-                self.log(point, input_entry(&applied))?;
+                self.log(point, input_entry(&input))?;
             }
         }
         if self
@@ -180,22 +208,28 @@ impl<S: LogSink> Observer for Recorder<S> {
         Ok(Flow::Continue)
     }
 
-    fn on_read(
+    fn on_sample(
         &mut self,
         m: &mut Machine,
-        src: ReadSource,
-        class: ReadClass,
-        data: &mut [u8],
+        at: Access,
+        kind: Option<SampleKind>,
+        values: &[u64],
     ) -> Result<()> {
         let point = m.point()?;
         self.stats.reads += 1;
-        self.log(point, read_entry(src, class, data))
+        self.log(point, sample_entry(at, kind, values)).map(drop)
+    }
+
+    fn on_output(&mut self, m: &mut Machine, out: &Output) -> Result<Option<u64>> {
+        let point = m.point()?;
+        self.stats.outputs += 1;
+        self.log(point, out.entry()).map(Some)
     }
 
     fn on_inject(&mut self, m: &mut Machine, vector: u8) -> Result<()> {
         let point = m.point()?;
         self.stats.injections += 1;
-        self.log(point, EntryKind::Inject { vector })
+        self.log(point, EntryKind::Inject { vector }).map(drop)
     }
 }
 

@@ -1,15 +1,25 @@
 //! The replayer: an [`Observer`] that feeds a recorded log back into a VM,
-//! applying each input and read value at its exact execution point and
-//! checking injections and state digests on the way.
+//! applying each input and host value at its exact execution point, and
+//! checking outputs, injections and state digests on the way.
+//!
+//! A log can end anywhere: a primary that dies leaves a log cut between any
+//! two entries, or inside a multi-entry event (an injection and the reads
+//! its handler makes). The replayer then uses every entry it has, and at
+//! the first point after the last one pauses the run, so the caller can go
+//! live there; anything the guest does between the last entry and that
+//! point (a read, an output, an injection) is its own, since nothing after
+//! the log's end was released. Only an entry that contradicts the replay is
+//! a divergence.
 
-use ftlog::{EntryKind, LogEntry};
+use ftlog::{EntryKind, LogEntry, LogError};
 
-use crate::devices::ReadClass;
+use crate::devices::SampleKind;
 use crate::inputs::Input;
 use crate::machine::Machine;
+use crate::output::{Output, Stream};
 use crate::points::ExecPoint;
-use crate::record::{end_reason, read_entry};
-use crate::run::{Flow, Observer, ReadSource, RunEnd};
+use crate::record::{end_reason, logged_values, sample_entry};
+use crate::run::{Access, Flow, Observer, RunEnd};
 use crate::{Error, Result};
 
 /// Where replayed entries come from.
@@ -18,8 +28,9 @@ pub trait LogSource {
     fn peek(&mut self) -> Result<Option<&LogEntry>>;
     /// Consume the entry `peek` returned.
     fn advance(&mut self);
-    /// The log ended because its writer died (not by its end marker): the
-    /// replay should stop at the next point and let the caller go live.
+    /// The log ended because its writer died (not by its end marker): once
+    /// every entry is used, the replay stops at the next point and lets the
+    /// caller go live there.
     fn cut_short(&self) -> bool {
         false
     }
@@ -29,6 +40,7 @@ pub trait LogSource {
 #[derive(Debug, Default)]
 pub struct MemorySource {
     entries: std::collections::VecDeque<LogEntry>,
+    cut: bool,
 }
 
 impl MemorySource {
@@ -36,6 +48,15 @@ impl MemorySource {
     pub fn new(entries: Vec<LogEntry>) -> Self {
         MemorySource {
             entries: entries.into(),
+            cut: false,
+        }
+    }
+
+    /// Replay these entries of a log whose writer died after them.
+    pub fn cut(entries: Vec<LogEntry>) -> Self {
+        MemorySource {
+            entries: entries.into(),
+            cut: true,
         }
     }
 }
@@ -47,6 +68,10 @@ impl LogSource for MemorySource {
 
     fn advance(&mut self) {
         self.entries.pop_front();
+    }
+
+    fn cut_short(&self) -> bool {
+        self.cut
     }
 }
 
@@ -67,14 +92,46 @@ pub struct Replayer<S: LogSource> {
     at_end: bool,
     /// Points count branches (the `pmu` backend).
     by_branches: bool,
+    /// The entry whose host values the current device access was given.
+    given: Option<u64>,
+    /// Every entry of a cut-short log is used: the guest is on its own.
+    past_end: bool,
 }
 
 fn describe(e: &LogEntry) -> String {
     format!("entry #{} ({}) at {}", e.seq, e.kind.name(), e.point)
 }
 
+fn describe_output(o: &Output) -> String {
+    match o.stream {
+        Stream::Console => format!(
+            "console output of {} bytes at offset {}",
+            o.bytes.len(),
+            o.position
+        ),
+        Stream::Net => format!("frame #{} ({} bytes)", o.position, o.bytes.len()),
+    }
+}
+
 fn diverged(what: String) -> Error {
     Error::Divergence(what)
+}
+
+/// The device access a logged host-value entry belongs to.
+fn entry_access(kind: &EntryKind) -> Option<Access> {
+    match kind {
+        EntryKind::PortIn { port, .. }
+        | EntryKind::ClockRead { port, .. }
+        | EntryKind::EntropyRead { port, .. } => Some(Access::Port(*port)),
+        EntryKind::MmioRead { addr, .. } => Some(Access::Mmio(*addr)),
+        EntryKind::MsrRead { index, .. } => Some(Access::Msr(*index)),
+        _ => None,
+    }
+}
+
+/// Entries the guest's own exit makes (matched then, not at the point).
+fn made_by_an_exit(kind: &EntryKind) -> bool {
+    entry_access(kind).is_some() || matches!(kind, EntryKind::Output { .. })
 }
 
 impl<S: LogSource> Replayer<S> {
@@ -85,6 +142,8 @@ impl<S: LogSource> Replayer<S> {
             stats: ReplayStats::default(),
             at_end: false,
             by_branches: false,
+            given: None,
+            past_end: false,
         }
     }
 
@@ -96,6 +155,13 @@ impl<S: LogSource> Replayer<S> {
     /// The log source.
     pub fn source(&self) -> &S {
         &self.source
+    }
+
+    /// Whether the log was cut short (its writer died) and the replay has
+    /// used every entry: a paused run stopped at the first point after the
+    /// last one, where the caller may go live.
+    pub fn ran_out(&self) -> bool {
+        self.past_end
     }
 
     /// The next entry, if it is due at `p`. An entry due earlier is a
@@ -123,6 +189,18 @@ impl<S: LogSource> Replayer<S> {
         Ok(None)
     }
 
+    /// Whether every entry of a cut-short log has been used.
+    fn used_up(&mut self) -> Result<bool> {
+        if !self.past_end && self.source.peek()?.is_none() && self.source.cut_short() {
+            tracing::info!(
+                entries = self.stats.entries,
+                "the log was cut short and every entry in it is replayed"
+            );
+            self.past_end = true;
+        }
+        Ok(self.past_end)
+    }
+
     fn consume(&mut self) {
         self.source.advance();
         self.stats.entries += 1;
@@ -143,7 +221,7 @@ impl<S: LogSource> Replayer<S> {
     }
 
     /// After `run` returned `end`: the log must end here too, with a digest
-    /// equal to ours.
+    /// equal to ours (or, cut short, have no entry left).
     pub fn finish(&mut self, m: &mut Machine, end: RunEnd) -> Result<()> {
         let p = m.point()?;
         while let Some(e) = self.due(p)? {
@@ -214,11 +292,10 @@ impl<S: LogSource> Observer for Replayer<S> {
                 }
                 EntryKind::Digest { value } => self.check_digest(m, &e, value)?,
                 EntryKind::Inject { .. } => return Ok(Flow::Continue),
-                // A read is matched when the guest makes it (`on_read`); with
-                // branch counts the stop just before that access has its point.
-                kind if self.by_branches && kind.read_data().is_some() => {
-                    return Ok(Flow::Continue)
-                }
+                // Host values and outputs are matched when the guest's exit
+                // makes them; with branch counts the stop just before that
+                // access has its point.
+                kind if self.by_branches && made_by_an_exit(kind) => return Ok(Flow::Continue),
                 EntryKind::End { .. } => {
                     self.at_end = true;
                     return Ok(Flow::Pause);
@@ -232,46 +309,97 @@ impl<S: LogSource> Observer for Replayer<S> {
             }
             self.consume();
         }
-        if self.source.cut_short() && self.source.peek()?.is_none() {
+        if self.used_up()? {
             return Ok(Flow::Pause);
         }
         Ok(Flow::Continue)
     }
 
-    fn on_read(
+    fn logged_samples(&mut self, m: &mut Machine, at: Access) -> Result<Option<Vec<u64>>> {
+        let p = m.point()?;
+        let Some(e) = self.due(p)? else {
+            return Ok(None);
+        };
+        if entry_access(&e.kind) != Some(at) {
+            return Ok(None);
+        }
+        let values = logged_values(&e.kind).ok_or_else(|| {
+            diverged(format!(
+                "{} does not hold whole 64-bit values",
+                describe(&e)
+            ))
+        })?;
+        self.given = Some(e.seq);
+        Ok(Some(values))
+    }
+
+    fn on_sample(
         &mut self,
         m: &mut Machine,
-        src: ReadSource,
-        class: ReadClass,
-        data: &mut [u8],
+        at: Access,
+        kind: Option<SampleKind>,
+        values: &[u64],
     ) -> Result<()> {
         let p = m.point()?;
-        let want = read_entry(src, class, data);
-        let Some(e) = self.due(p)? else {
-            return Err(diverged(format!(
-                "the guest made a {} at {p} that the log does not have",
-                want.name()
-            )));
-        };
-        let logged = e.kind.read_data().filter(|_| e.kind.same_source(&want));
-        let Some(logged) = logged else {
-            return Err(diverged(format!(
+        let took = sample_entry(at, kind, values);
+        if self.given.take().is_some() {
+            let Some(e) = self.due(p)? else {
+                return Err(diverged(format!("the log moved under the access at {p}")));
+            };
+            let logged = logged_values(&e.kind).unwrap_or_default();
+            if logged.len() != values.len() {
+                return Err(diverged(format!(
+                    "{} holds {} host values, the guest's access took {}",
+                    describe(&e),
+                    logged.len(),
+                    values.len()
+                )));
+            }
+            if !e.kind.same_source(&took) {
+                return Err(diverged(format!(
+                    "{} expected, but the guest made a {} at {p}",
+                    describe(&e),
+                    took.name()
+                )));
+            }
+            self.consume();
+            return Ok(());
+        }
+        match self.due(p)? {
+            Some(e) => Err(diverged(format!(
                 "{} expected, but the guest made a {} at {p}",
                 describe(&e),
-                want.name()
-            )));
-        };
-        if logged.len() != data.len() {
-            return Err(diverged(format!(
-                "{} holds {} bytes, the guest read {}",
-                describe(&e),
-                logged.len(),
-                data.len()
-            )));
+                took.name()
+            ))),
+            // Past the end of a cut log: the device's own values.
+            None if self.used_up()? => Ok(()),
+            None => Err(diverged(format!(
+                "the guest made a {} at {p} that the log does not have",
+                took.name()
+            ))),
         }
-        data.copy_from_slice(logged);
-        self.consume();
-        Ok(())
+    }
+
+    fn on_output(&mut self, m: &mut Machine, out: &Output) -> Result<Option<u64>> {
+        let p = m.point()?;
+        let want = out.entry();
+        match self.due(p)? {
+            Some(e) if e.kind == want => {
+                self.consume();
+                Ok(Some(e.seq))
+            }
+            Some(e) => Err(diverged(format!(
+                "the guest sent {} at {p}, the log has {}",
+                describe_output(out),
+                describe(&e)
+            ))),
+            // Past the end of a cut log: an output nobody released yet.
+            None if self.used_up()? => Ok(None),
+            None => Err(diverged(format!(
+                "the guest sent {} at {p} that the log does not have",
+                describe_output(out)
+            ))),
+        }
     }
 
     fn on_inject(&mut self, m: &mut Machine, vector: u8) -> Result<()> {
@@ -285,6 +413,7 @@ impl<S: LogSource> Observer for Replayer<S> {
                 "the replay injected vector {vector:#x} at {p}, the log has {}",
                 describe(&e)
             ))),
+            None if self.used_up()? => Ok(()),
             None => Err(diverged(format!(
                 "the replay injected vector {vector:#x} at {p}, the recording did not"
             ))),
@@ -298,7 +427,10 @@ impl<S: LogSource> Observer for Replayer<S> {
             return Ok(Flow::Continue);
         }
         match self.source.peek()? {
-            None => Ok(Flow::Pause),
+            None => {
+                self.used_up()?;
+                Ok(Flow::Pause)
+            }
             Some(e) => Err(diverged(format!(
                 "the guest halted at {p} with nothing to wake it, but the log goes on with {}",
                 describe(e)
@@ -307,10 +439,16 @@ impl<S: LogSource> Observer for Replayer<S> {
     }
 }
 
-/// Entries read from an ftlog stream (a file or a socket).
+/// Entries read from an ftlog stream (a file or a socket). A stream that
+/// ends without an end marker, cleanly or inside its last frame, is a log
+/// cut short (its recorder died): a warning, then the replay goes up to its
+/// last complete entry. A damaged frame is an error.
 pub struct ReaderSource<R: std::io::Read> {
     reader: ftlog::LogReader<R>,
     peeked: Option<LogEntry>,
+    seen_end: bool,
+    done: bool,
+    cut: bool,
 }
 
 impl<R: std::io::Read> ReaderSource<R> {
@@ -319,6 +457,9 @@ impl<R: std::io::Read> ReaderSource<R> {
         ReaderSource {
             reader,
             peeked: None,
+            seen_end: false,
+            done: false,
+            cut: false,
         }
     }
 
@@ -331,17 +472,41 @@ impl<R: std::io::Read> ReaderSource<R> {
     pub fn offset(&self) -> u64 {
         self.reader.offset()
     }
+
+    fn ended_early(&mut self, why: &str) {
+        tracing::warn!(
+            "{why}: the recorder died; replaying up to its last complete entry (#{})",
+            self.reader.next_seq().saturating_sub(1)
+        );
+        self.done = true;
+        self.cut = true;
+    }
 }
 
 impl<R: std::io::Read> LogSource for ReaderSource<R> {
     fn peek(&mut self) -> Result<Option<&LogEntry>> {
-        if self.peeked.is_none() {
-            self.peeked = self.reader.next_entry()?;
+        if self.peeked.is_none() && !self.done {
+            match self.reader.next_entry() {
+                Ok(Some(e)) => {
+                    self.seen_end |= matches!(e.kind, EntryKind::End { .. });
+                    self.peeked = Some(e);
+                }
+                Ok(None) if self.seen_end => self.done = true,
+                Ok(None) => self.ended_early("the log ends without an end marker"),
+                Err(e @ LogError::Truncated { .. }) => {
+                    self.ended_early(&format!("the log's last frame is incomplete ({e})"))
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(self.peeked.as_ref())
     }
 
     fn advance(&mut self) {
         self.peeked = None;
+    }
+
+    fn cut_short(&self) -> bool {
+        self.cut
     }
 }

@@ -1,21 +1,30 @@
 //! The vCPU run loop. Every exit is emulated here and reported to an
 //! [`Observer`], which is how the record/replay layer hooks in without any
-//! device knowing about it.
+//! device knowing about it: host values enter devices through
+//! [`DeviceCtx::sample`], and outputs leave them through
+//! [`DeviceCtx::emit`]; the loop hands both to the observer, and outputs
+//! then to the VM's [`crate::output::OutputSink`].
+//!
+//! Every error path completes the guest's instruction first (a read's
+//! result is written back, an output reaches the sink) and only then
+//! returns the observer's error, so a primary that goes on alone after a
+//! logging failure resumes a guest whose I/O is whole.
 
 use kvm_ioctls::VcpuExit;
 use vm_memory::Bytes;
 
-use crate::devices::{DeviceCtx, ReadClass};
+use crate::devices::{DeviceCtx, SampleKind};
 use crate::machine::Machine;
+use crate::output::Output;
 use crate::points::{ExitKind, PointMode};
 use crate::{Error, Result};
 
-/// Where a non-deterministic value came from.
+/// Where a device access went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReadSource {
-    /// A port read.
+pub enum Access {
+    /// Port I/O.
     Port(u16),
-    /// An MMIO read.
+    /// MMIO.
     Mmio(u64),
     /// An RDMSR of a filtered MSR.
     Msr(u32),
@@ -55,16 +64,33 @@ pub trait Observer {
     /// effect together.
     fn at_point(&mut self, m: &mut Machine) -> Result<Flow>;
 
-    /// A device read returned a value that is not a function of guest state.
-    /// `data` holds the device's value; a replayer overwrites it.
-    fn on_read(
+    /// A device access at the current point is about to run: the host
+    /// values it takes in, if this observer has them (a replayer: from the
+    /// log). None: the device takes its own.
+    fn logged_samples(&mut self, _m: &mut Machine, _at: Access) -> Result<Option<Vec<u64>>> {
+        Ok(None)
+    }
+
+    /// A device access at the current point took host values (a time,
+    /// random bits, a counter): its non-deterministic inputs, which the
+    /// device has used. A recorder logs them. Called when the access took
+    /// any, or when [`Observer::logged_samples`] gave some.
+    fn on_sample(
         &mut self,
         _m: &mut Machine,
-        _src: ReadSource,
-        _class: ReadClass,
-        _data: &mut [u8],
+        _at: Access,
+        _kind: Option<SampleKind>,
+        _values: &[u64],
     ) -> Result<()> {
         Ok(())
+    }
+
+    /// The guest sent `out` at the current point. Returns the sequence
+    /// number of the output's own log entry (its tag for the output sink):
+    /// a recorder logs one, a replayer matches the logged one; None when
+    /// there is none (nobody replays; past the end of a cut-short log).
+    fn on_output(&mut self, _m: &mut Machine, _out: &Output) -> Result<Option<u64>> {
+        Ok(None)
     }
 
     /// The next logged point this observer must land on (a replayer in the
@@ -295,31 +321,96 @@ impl Machine {
         Ok(())
     }
 
+    /// Run one device access at the current point: the observer may give its
+    /// host values first; afterwards the values it took and the outputs it
+    /// produced are reported. `access` does the device work; the guest's
+    /// instruction is completed by the caller before it returns the error
+    /// this gives back.
+    fn device_access<R>(
+        &mut self,
+        at: Access,
+        obs: &mut dyn Observer,
+        access: impl FnOnce(&mut Self, &mut DeviceCtx) -> R,
+    ) -> (R, DeviceCtx, Result<()>) {
+        let mut first_err = Ok(());
+        let given = match obs.logged_samples(self, at) {
+            Ok(g) => g,
+            Err(e) => {
+                first_err = Err(e);
+                None
+            }
+        };
+        let now = self.clock.now_ns();
+        let had_given = given.is_some();
+        let mut ctx = match given {
+            Some(values) => DeviceCtx::replayed(now, values),
+            None => DeviceCtx::new(now),
+        };
+        let r = access(self, &mut ctx);
+        let (kind, values) = match ctx.taken() {
+            Some((k, v)) => (Some(k), v.to_vec()),
+            None => (None, Vec::new()),
+        };
+        if kind == Some(SampleKind::Time) {
+            self.ls.latest_time_ns = values
+                .iter()
+                .copied()
+                .fold(self.ls.latest_time_ns, u64::max);
+        }
+        if had_given || !values.is_empty() {
+            let reported = self
+                .point()
+                .and_then(|_| obs.on_sample(self, at, kind, &values));
+            if first_err.is_ok() {
+                first_err = reported;
+            }
+        }
+        let delivered = self.deliver_outputs(&mut ctx, obs);
+        if first_err.is_ok() {
+            first_err = delivered;
+        }
+        (r, ctx, first_err)
+    }
+
+    /// Hand every output of an access to the observer (for its tag) and then
+    /// to the sink. An output whose entry could not be logged still reaches
+    /// the sink, untagged; the first error is returned after all of them.
+    fn deliver_outputs(&mut self, ctx: &mut DeviceCtx, obs: &mut dyn Observer) -> Result<()> {
+        let mut first_err = Ok(());
+        for (stream, bytes) in ctx.outputs.drain(..) {
+            let out = self.ls.outputs.number(stream, bytes);
+            let tag = match self.point().and_then(|_| obs.on_output(self, &out)) {
+                Ok(tag) => tag,
+                Err(e) => {
+                    if first_err.is_ok() {
+                        first_err = Err(e);
+                    }
+                    None
+                }
+            };
+            self.outputs.put(out, tag);
+        }
+        first_err
+    }
+
     fn emulate_io(&mut self, mut io: IoExit, obs: &mut dyn Observer) -> Result<Option<RunEnd>> {
-        let mut ctx = DeviceCtx::new(self.clock.now_ns());
         let size = io.size;
-        if io.write {
-            for chunk in io.data.chunks(size) {
-                self.devices.pio_write(io.port, chunk, &mut ctx);
+        let write = io.write;
+        let (data, ctx, result) = self.device_access(Access::Port(io.port), obs, |m, ctx| {
+            for chunk in io.data.chunks_mut(size) {
+                if write {
+                    m.devices.pio_write(io.port, chunk, ctx);
+                } else {
+                    m.devices.pio_read(io.port, chunk, ctx);
+                }
             }
-            if let Some(code) = ctx.stop {
-                return Ok(Some(RunEnd::PowerOff(code)));
-            }
-            return Ok(None);
+            std::mem::take(&mut io.data)
+        });
+        if !write {
+            self.write_io_result(&data);
         }
-        let mut class = ReadClass::Deterministic;
-        for chunk in io.data.chunks_mut(size) {
-            let c = self.devices.pio_read(io.port, chunk, &mut ctx);
-            if c != ReadClass::Deterministic {
-                class = c;
-            }
-        }
-        if class != ReadClass::Deterministic {
-            self.point()?;
-            obs.on_read(self, ReadSource::Port(io.port), class, &mut io.data)?;
-        }
-        self.write_io_result(&io.data);
-        Ok(None)
+        result?;
+        Ok(ctx.stop.map(RunEnd::PowerOff))
     }
 
     fn emulate_mmio(
@@ -329,23 +420,23 @@ impl Machine {
         mut data: Vec<u8>,
         obs: &mut dyn Observer,
     ) -> Result<()> {
-        let mut ctx = DeviceCtx::new(self.clock.now_ns());
-        if write {
-            self.devices.mmio_write(addr, &data, &mut ctx);
-            return Ok(());
+        let (data, _, result) = self.device_access(Access::Mmio(addr), obs, |m, ctx| {
+            if write {
+                m.devices.mmio_write(addr, &data, ctx);
+            } else {
+                m.devices.mmio_read(addr, &mut data, ctx);
+            }
+            data
+        });
+        if !write {
+            let run = self.vcpu.get_kvm_run();
+            // SAFETY: the last exit was KVM_EXIT_MMIO, so `mmio` is the live
+            // union member; we write at most its 8 data bytes.
+            let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+            let n = data.len().min(mmio.data.len());
+            mmio.data[..n].copy_from_slice(&data[..n]);
         }
-        let class = self.devices.mmio_read(addr, &mut data, &mut ctx);
-        if class != ReadClass::Deterministic {
-            self.point()?;
-            obs.on_read(self, ReadSource::Mmio(addr), class, &mut data)?;
-        }
-        let run = self.vcpu.get_kvm_run();
-        // SAFETY: the last exit was KVM_EXIT_MMIO, so `mmio` is the live
-        // union member; we write at most its 8 data bytes.
-        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
-        let n = data.len().min(mmio.data.len());
-        mmio.data[..n].copy_from_slice(&data[..n]);
-        Ok(())
+        result
     }
 
     fn emulate_msr(
@@ -354,20 +445,23 @@ impl Machine {
         value: Option<u64>,
         obs: &mut dyn Observer,
     ) -> Result<()> {
-        let mut result: Option<u64> = None;
+        let mut result: (Option<u64>, Result<()>) = (None, Ok(()));
         if value.is_none() && index == crate::arch::msr::IA32_TSC {
             // A 1 GHz TSC derived from the device clock: a logged clock read.
-            let ns = self.clock.now_ns();
-            let mut b = (ns.saturating_mul(MSR_TSC_HZ / 1_000_000_000)).to_le_bytes();
-            self.point()?;
-            obs.on_read(self, ReadSource::Msr(index), ReadClass::Clock, &mut b)?;
-            result = Some(u64::from_le_bytes(b));
+            let (v, _, r) = self.device_access(Access::Msr(index), obs, |_, ctx| {
+                let ns = ctx.now_ns;
+                ctx.sample(
+                    SampleKind::Time,
+                    ns.saturating_mul(MSR_TSC_HZ / 1_000_000_000),
+                )
+            });
+            result = (Some(v), r);
         }
         let run = self.vcpu.get_kvm_run();
         // SAFETY: the last exit was KVM_EXIT_X86_RDMSR/WRMSR, so `msr` is the
         // live union member.
         let msr = unsafe { &mut run.__bindgen_anon_1.msr };
-        match (value, result) {
+        match (value, result.0) {
             (None, Some(v)) => {
                 msr.data = v;
                 msr.error = 0;
@@ -376,7 +470,7 @@ impl Machine {
             (Some(_), _) if index == crate::arch::msr::IA32_TSC => msr.error = 0,
             _ => msr.error = 1,
         }
-        Ok(())
+        result.1
     }
 
     /// Whether the instruction the last step executed was a HLT: it sat at

@@ -13,14 +13,13 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::msr;
 use crate::clock::{Clock, ClockMode};
-use crate::devices::serial::SerialOut;
 use crate::devices::{Devices, DevicesState};
 use crate::machine::{LoopState, Machine, MachineConfig};
 use crate::memory::ram_size;
 use crate::{Error, Result};
 
 /// Bumped whenever the layout below changes.
-pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 /// The vCPU's architectural state.
 #[derive(Debug, Serialize, Deserialize)]
@@ -123,8 +122,8 @@ impl Machine {
     }
 
     /// Build a new VM from `snap`. `cfg` supplies what is not part of the
-    /// guest (serial output, point mode, timers); its memory size, command
-    /// line and clock are ignored in favour of the snapshot's.
+    /// guest (output sink, point mode, timers, CPUID); its memory size,
+    /// command line and clock are ignored in favour of the snapshot's.
     pub fn restore(snap: &VmSnapshot, mut cfg: MachineConfig) -> Result<Self> {
         if snap.version != SNAPSHOT_VERSION {
             return Err(Error::Snapshot(format!(
@@ -141,15 +140,13 @@ impl Machine {
         }
         cfg.mem_mib = snap.mem_mib;
         cfg.clock = snap.clock;
-        let out: SerialOut = std::mem::replace(&mut cfg.serial_out, Box::new(std::io::sink()));
         let mut m = Machine::empty(cfg)?;
         m.memory()
             .write_slice(&snap.memory, GuestAddress(0))
             .map_err(|e| Error::Snapshot(format!("writing guest memory: {e}")))?;
         m.restore_vcpu(&snap.vcpu)?;
         m.clock = Clock::new(snap.clock, snap.clock_ns);
-        m.devices =
-            Devices::from_state(&snap.devices, out, snap.clock_ns).map_err(Error::Snapshot)?;
+        m.devices = Devices::from_state(&snap.devices, snap.clock_ns).map_err(Error::Snapshot)?;
         m.ls = snap.loop_state.clone();
         Ok(m)
     }

@@ -87,10 +87,34 @@ impl<R: Read> LogReader<R> {
     }
 
     /// The next entry; Ok(None) when the stream ends cleanly at a frame
-    /// boundary. A stream cut inside a frame is [`LogError::Truncated`].
+    /// boundary. A stream cut inside its last frame is
+    /// [`LogError::Truncated`]; one whose frame claims more bytes than the
+    /// stream has while the next entry follows inside them is
+    /// [`LogError::DamagedLength`] (damage, not a cut).
     pub fn next_entry(&mut self) -> Result<Option<LogEntry>, LogError> {
         let at = self.src.pos;
-        let Some((frame, len)) = self.src.peek_frame()? else {
+        let found = match self.src.peek_frame() {
+            Err(LogError::Truncated {
+                at,
+                expected,
+                present,
+            }) => {
+                if let Some(next_at) = self.next_entry_inside(at) {
+                    return Err(LogError::DamagedLength {
+                        at,
+                        claimed: expected,
+                        next_at,
+                    });
+                }
+                return Err(LogError::Truncated {
+                    at,
+                    expected,
+                    present,
+                });
+            }
+            other => other?,
+        };
+        let Some((frame, len)) = found else {
             return Ok(None);
         };
         let entry = match frame {
@@ -107,6 +131,23 @@ impl<R: Read> LogReader<R> {
         self.order.accept(&entry);
         self.src.consume(len);
         Ok(Some(entry))
+    }
+}
+
+impl<R: Read> LogReader<R> {
+    /// Where, inside the incomplete frame at `at`, a whole frame holding
+    /// the entry after it starts (a damaged length field made the frame
+    /// swallow it); None when nothing follows, as after a cut mid-write.
+    fn next_entry_inside(&self, at: FramePos) -> Option<u64> {
+        let want = self.order.next_seq.checked_add(1)?;
+        let bytes = self.src.pending();
+        (1..bytes.len()).find_map(|i| {
+            let rest = bytes.get(i..)?;
+            match decode_frame_at(rest, at) {
+                Ok(Some((Frame::Entry(e), _))) if e.seq == want => Some(at.offset + i as u64),
+                _ => None,
+            }
+        })
     }
 }
 

@@ -1,10 +1,13 @@
 //! ftclock: a paravirtual device that hands the guest host time and random
-//! bits. Its sample reads are the guest's clock and entropy inputs, so they
-//! are marked non-deterministic and end up in the log.
+//! bits. A read of the sample's low half takes a new 64-bit sample, the
+//! guest's clock or entropy input, through [`DeviceCtx::sample`] (so it is
+//! logged whole); the high half reads the held sample, which is device
+//! state, so a low/high pair never mixes two samples, even across a
+//! failover.
 
 use serde::{Deserialize, Serialize};
 
-use super::{BusDevice, DeviceCtx, ReadClass};
+use super::{BusDevice, DeviceCtx, SampleKind};
 
 /// First port.
 pub const FTCLOCK_PORT: u16 = 0xf100;
@@ -71,12 +74,14 @@ impl FtClock {
         }
     }
 
-    fn class(&self) -> ReadClass {
-        if self.state.source == SOURCE_ENTROPY {
-            ReadClass::Entropy
+    /// Take a new sample from the selected source.
+    fn take_sample(&mut self, ctx: &mut DeviceCtx) -> u64 {
+        let (kind, host) = if self.state.source == SOURCE_ENTROPY {
+            (SampleKind::Entropy, self.random())
         } else {
-            ReadClass::Clock
-        }
+            (SampleKind::Time, ctx.now_ns)
+        };
+        ctx.sample(kind, host)
     }
 }
 
@@ -115,11 +120,7 @@ impl BusDevice for FtClock {
     fn read(&mut self, offset: u64, data: &mut [u8], ctx: &mut DeviceCtx) {
         match offset {
             REG_SAMPLE_LO => {
-                self.state.sample = if self.state.source == SOURCE_ENTROPY {
-                    self.random()
-                } else {
-                    ctx.now_ns
-                };
+                self.state.sample = self.take_sample(ctx);
                 put(data, self.state.sample as u32);
             }
             REG_SAMPLE_HI => put(data, (self.state.sample >> 32) as u32),
@@ -137,13 +138,6 @@ impl BusDevice for FtClock {
                     SOURCE_CLOCK
                 };
             }
-        }
-    }
-
-    fn read_class(&self, offset: u64) -> ReadClass {
-        match offset {
-            REG_SAMPLE_LO | REG_SAMPLE_HI => self.class(),
-            _ => ReadClass::Deterministic,
         }
     }
 }
@@ -178,11 +172,35 @@ mod tests {
     }
 
     #[test]
-    fn clock_samples_now_and_is_logged() {
+    fn clock_samples_now_once_per_low_read() {
         let mut d = FtClock::new(Entropy::Seeded(1));
         assert_eq!(sample(&mut d, 0x1_2345_6789), 0x1_2345_6789);
-        assert_eq!(d.read_class(REG_SAMPLE_LO), ReadClass::Clock);
-        assert_eq!(d.read_class(REG_SELECT), ReadClass::Deterministic);
+        let mut ctx = DeviceCtx::new(5);
+        let mut b = [0u8; 4];
+        d.read(REG_SAMPLE_LO, &mut b, &mut ctx);
+        assert_eq!(ctx.taken(), Some((SampleKind::Time, &[5][..])));
+        let mut ctx = DeviceCtx::new(6);
+        d.read(REG_SAMPLE_HI, &mut b, &mut ctx);
+        d.read(REG_SELECT, &mut b, &mut ctx);
+        assert_eq!(ctx.taken(), None, "the high half and select are state");
+    }
+
+    #[test]
+    fn a_replayed_sample_is_held_whole_so_the_high_half_follows_the_log() {
+        let mut d = FtClock::new(Entropy::Host);
+        let mut lo = [0u8; 4];
+        let mut hi = [0u8; 4];
+        let logged = 0x0000_0002_ffff_fff0u64;
+        d.read(
+            REG_SAMPLE_LO,
+            &mut lo,
+            &mut DeviceCtx::replayed(9, vec![logged]),
+        );
+        // The high half is read later, on the device's own clock (after a
+        // failover, say): it still belongs to the logged sample.
+        d.read(REG_SAMPLE_HI, &mut hi, &mut DeviceCtx::new(0x7_0000_0000));
+        let got = u64::from(u32::from_le_bytes(lo)) | (u64::from(u32::from_le_bytes(hi)) << 32);
+        assert_eq!(got, logged);
     }
 
     #[test]
@@ -192,7 +210,6 @@ mod tests {
         let mut ctx = DeviceCtx::default();
         a.write(REG_SELECT, &[SOURCE_ENTROPY], &mut ctx);
         b.write(REG_SELECT, &[SOURCE_ENTROPY], &mut ctx);
-        assert_eq!(a.read_class(REG_SAMPLE_HI), ReadClass::Entropy);
         let x = sample(&mut a, 0);
         assert_eq!(x, sample(&mut b, 99));
         assert_ne!(x, sample(&mut a, 0));

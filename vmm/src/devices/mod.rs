@@ -12,7 +12,7 @@ pub mod pic;
 pub mod pit;
 pub mod serial;
 
-pub use api::{BusDevice, DeviceCtx, ReadClass};
+pub use api::{BusDevice, DeviceCtx, SampleKind};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +21,7 @@ use ftclock::{Entropy, FtClock, FtClockState, Power, FTCLOCK_LEN, FTCLOCK_PORT, 
 use net::{NetDevice, NetState};
 use pic::{Chip, Pic, PicState};
 use pit::{Pit, PitState};
-use serial::{SerialOut, Uart, UartState};
+use serial::{Uart, UartState};
 
 /// PIT ports.
 pub const PIT_PORT: u16 = 0x40;
@@ -102,11 +102,11 @@ fn platform_bus() -> Bus<PioDevice> {
 
 impl Devices {
     /// Devices in their reset state.
-    pub fn new(serial_out: SerialOut, entropy: Entropy) -> Self {
+    pub fn new(entropy: Entropy) -> Self {
         Devices {
             pic: Pic::new(),
             pit: Pit::new(),
-            serial: Uart::new(serial_out),
+            serial: Uart::new(),
             ftclock: FtClock::new(entropy),
             power: Power,
             pio: platform_bus(),
@@ -119,15 +119,11 @@ impl Devices {
 
     /// Rebuild from a snapshot taken at `now_ns` of the old clock, onto a
     /// clock that reads `now_ns` now.
-    pub fn from_state(
-        s: &DevicesState,
-        serial_out: SerialOut,
-        now_ns: u64,
-    ) -> Result<Self, String> {
+    pub fn from_state(s: &DevicesState, now_ns: u64) -> Result<Self, String> {
         Ok(Devices {
             pic: Pic::from_state(&s.pic),
             pit: Pit::from_state(&s.pit, now_ns),
-            serial: Uart::from_state(&s.serial, serial_out)?,
+            serial: Uart::from_state(&s.serial)?,
             ftclock: FtClock::from_state(&s.ftclock),
             power: Power,
             pio: platform_bus(),
@@ -175,29 +171,22 @@ impl Devices {
         done
     }
 
-    /// A guest port read. Returns how replay must treat the value.
-    pub fn pio_read(&mut self, port: u16, data: &mut [u8], ctx: &mut DeviceCtx) -> ReadClass {
+    /// A guest port read. Host values it takes in are in `ctx`.
+    pub fn pio_read(&mut self, port: u16, data: &mut [u8], ctx: &mut DeviceCtx) {
         let Some((dev, off)) = self.pio.find(u64::from(port)) else {
             // Nothing there: the bus floats high, as on a PC.
             data.fill(0xff);
-            return ReadClass::Deterministic;
+            return;
         };
-        let class = match dev {
-            PioDevice::PicMaster => {
-                self.pic.read(Chip::Master, off, data);
-                ReadClass::Deterministic
-            }
-            PioDevice::PicSlave => {
-                self.pic.read(Chip::Slave, off, data);
-                ReadClass::Deterministic
-            }
-            PioDevice::Pit => read_dev(&mut self.pit, off, data, ctx),
-            PioDevice::Serial => read_dev(&mut self.serial, off, data, ctx),
-            PioDevice::FtClock => read_dev(&mut self.ftclock, off, data, ctx),
-            PioDevice::Power => read_dev(&mut self.power, off, data, ctx),
-        };
+        match dev {
+            PioDevice::PicMaster => self.pic.read(Chip::Master, off, data),
+            PioDevice::PicSlave => self.pic.read(Chip::Slave, off, data),
+            PioDevice::Pit => self.pit.read(off, data, ctx),
+            PioDevice::Serial => self.serial.read(off, data, ctx),
+            PioDevice::FtClock => self.ftclock.read(off, data, ctx),
+            PioDevice::Power => self.power.read(off, data, ctx),
+        }
         self.route_irqs(ctx);
-        class
     }
 
     /// A guest port write.
@@ -228,25 +217,18 @@ impl Devices {
         Ok(())
     }
 
-    /// A guest MMIO read.
-    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8], ctx: &mut DeviceCtx) -> ReadClass {
+    /// A guest MMIO read. Host values it takes in are in `ctx`.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8], ctx: &mut DeviceCtx) {
         if let (Some(off), Some(dev)) = (net::in_window(addr), self.net.as_deref_mut()) {
-            let class = read_dev(dev, off, data, ctx);
-            self.route_irqs(ctx);
-            return class;
-        }
-        let class = match self.mmio.find(addr) {
-            Some((i, off)) => match self.mmio_devices.get_mut(i) {
-                Some(dev) => read_dev(dev.as_mut(), off, data, ctx),
-                None => ReadClass::Deterministic,
-            },
-            None => {
-                data.fill(0xff);
-                ReadClass::Deterministic
+            dev.read(off, data, ctx);
+        } else if let Some((i, off)) = self.mmio.find(addr) {
+            if let Some(dev) = self.mmio_devices.get_mut(i) {
+                dev.read(off, data, ctx);
             }
-        };
+        } else {
+            data.fill(0xff);
+        }
         self.route_irqs(ctx);
-        class
     }
 
     /// A guest MMIO write.
@@ -267,10 +249,4 @@ impl Devices {
             self.pic.pulse_irq(irq);
         }
     }
-}
-
-fn read_dev(dev: &mut dyn BusDevice, off: u64, data: &mut [u8], ctx: &mut DeviceCtx) -> ReadClass {
-    let class = dev.read_class(off);
-    dev.read(off, data, ctx);
-    class
 }

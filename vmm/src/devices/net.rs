@@ -3,9 +3,9 @@
 //! The VMM only needs three things from it: MMIO accesses (as any bus
 //! device), a way to hand it a received frame while the vCPU is stopped at an
 //! execution point, and its state for snapshots. Frames the guest transmits
-//! leave through a [`FrameOut`], which the fault-tolerance layer swaps (held
-//! by the output gate on a primary, dropped on a backup, straight to the TAP
-//! once live).
+//! are the access's output ([`DeviceCtx::emit`] on [`crate::output::Stream::Net`]),
+//! which the run loop logs and hands to the VM's output sink, in one order
+//! with the console.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,9 +18,6 @@ pub const NET_MMIO_LEN: u64 = 0x1000;
 /// ISA IRQ the network device pulses.
 pub const NET_IRQ: u8 = 5;
 
-/// Where frames the guest transmits go.
-pub type FrameOut = Box<dyn FnMut(Vec<u8>) + Send>;
-
 /// A network device on the MMIO bus.
 pub trait NetDevice: BusDevice {
     /// Whether the guest has posted a receive buffer (a frame applied now
@@ -30,8 +27,6 @@ pub trait NetDevice: BusDevice {
     /// Copy `frame` into the guest's next receive buffer and raise the
     /// interrupt. Returns false if there was no buffer (nothing changed).
     fn receive(&mut self, frame: &[u8], ctx: &mut DeviceCtx) -> bool;
-    /// Replace where transmitted frames go; returns the old destination.
-    fn set_output(&mut self, out: FrameOut) -> FrameOut;
     /// The device's MAC address.
     fn mac(&self) -> [u8; 6];
     /// State for a snapshot.

@@ -16,7 +16,7 @@
 //! level (so a slave request can never be lost between the two chips).
 //!
 //! A chip asserts nothing until its first ICW sequence completes. All reads are
-//! deterministic (`ReadClass::Deterministic`): they only depend on what was
+//! deterministic (no host value enters the PIC): they only depend on what was
 //! written and which IRQ lines were raised.
 
 use serde::{Deserialize, Serialize};

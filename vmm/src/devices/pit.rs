@@ -28,7 +28,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{BusDevice, DeviceCtx, ReadClass};
+use super::{BusDevice, DeviceCtx, SampleKind};
 
 /// The 8254 input clock, in Hz.
 pub const PIT_HZ: u64 = 1_193_182;
@@ -383,18 +383,26 @@ impl Channel {
         self.run = None;
     }
 
-    fn latch_count(&mut self, now_ns: u64) {
+    /// The count now, as the host value it is (logged; replayed from the log).
+    fn sample_count(&self, ctx: &mut DeviceCtx) -> u16 {
+        let host = self.count_at(ctx.now_ns);
+        (ctx.sample(SampleKind::Counter, u64::from(host)) & 0xffff) as u16
+    }
+
+    fn latch_count(&mut self, ctx: &mut DeviceCtx) {
         if self.regs.latch.is_none() {
             self.regs.latch = Some(CountLatch {
-                value: self.count_at(now_ns),
+                value: self.sample_count(ctx),
                 hi_next: false,
             });
         }
     }
 
-    fn latch_status(&mut self, now_ns: u64) {
+    fn latch_status(&mut self, ctx: &mut DeviceCtx) {
         if self.regs.status.is_none() {
-            self.regs.status = Some(self.status_at(now_ns));
+            let host = self.status_at(ctx.now_ns);
+            let status = ctx.sample(SampleKind::Counter, u64::from(host));
+            self.regs.status = Some((status & 0xff) as u8);
         }
     }
 
@@ -433,7 +441,9 @@ impl Channel {
         }
     }
 
-    fn read_data(&mut self, now_ns: u64) -> u8 {
+    /// A data-port read: latched status or count (device state), else the
+    /// live count, sampled.
+    fn read_data(&mut self, ctx: &mut DeviceCtx) -> u8 {
         if let Some(status) = self.regs.status.take() {
             return status;
         }
@@ -450,7 +460,7 @@ impl Channel {
             self.regs.latch = None;
             return byte;
         }
-        let [lo, hi] = self.count_at(now_ns).to_le_bytes();
+        let [lo, hi] = self.sample_count(ctx).to_le_bytes();
         match self.regs.access {
             Access::Lo => lo,
             Access::Hi => hi,
@@ -564,6 +574,26 @@ impl Pit {
         total
     }
 
+    /// Timers switch on at `now_ns` after being silent (a backup going live):
+    /// continue from the device state without a catch-up burst. While
+    /// silent, the log delivered the primary's ticks, so periods of a
+    /// periodic channel 0 that ended meanwhile, and interrupts banked
+    /// across a reprogramming, count as delivered: the next interrupt is at
+    /// the next period boundary of the programmed schedule (period and
+    /// phase kept). A one-shot that has not fired keeps its deadline, and
+    /// fires at once if that has passed: the log cannot tell whether the
+    /// primary delivered it, and an interrupt a guest waits for must never
+    /// be lost (one spurious timer interrupt is harmless).
+    pub fn resume(&mut self, now_ns: u64) {
+        self.owed = 0;
+        let ch = &mut self.channels[0];
+        if ch.is_periodic() {
+            if let Some(run) = ch.run.as_mut() {
+                run.collect_periodic(now_ns);
+            }
+        }
+    }
+
     /// Channel 0's period when it runs in a periodic mode, rounded to ns.
     pub fn period_ns(&self) -> Option<u64> {
         self.channels[0].period_ns()
@@ -581,48 +611,48 @@ impl Pit {
         self.owed = self.owed.saturating_add(due);
     }
 
-    fn write_control(&mut self, value: u8, now_ns: u64) {
+    fn write_control(&mut self, value: u8, ctx: &mut DeviceCtx) {
         let select = usize::from(value >> 6);
         let Some(channel) = self.channels.get_mut(select) else {
-            self.read_back(value, now_ns);
+            self.read_back(value, ctx);
             return;
         };
         match Access::from_bits((value >> 4) & 3) {
-            None => channel.latch_count(now_ns),
+            None => channel.latch_count(ctx),
             Some(access) => {
-                channel.program(access, decode_mode(value >> 1), value & 1 != 0, now_ns);
+                channel.program(access, decode_mode(value >> 1), value & 1 != 0, ctx.now_ns);
             }
         }
     }
 
     /// The read-back command: bit 5 clear latches counts, bit 4 clear
     /// latches statuses, bits 1-3 select channels 0-2.
-    fn read_back(&mut self, value: u8, now_ns: u64) {
+    fn read_back(&mut self, value: u8, ctx: &mut DeviceCtx) {
         for (i, channel) in self.channels.iter_mut().enumerate() {
             if value & (2 << i) == 0 {
                 continue;
             }
             if value & 0x10 == 0 {
-                channel.latch_status(now_ns);
+                channel.latch_status(ctx);
             }
             if value & 0x20 == 0 {
-                channel.latch_count(now_ns);
+                channel.latch_count(ctx);
             }
         }
     }
 
-    fn write_byte(&mut self, offset: u64, value: u8, now_ns: u64) {
-        self.bank_channel0(now_ns);
+    fn write_byte(&mut self, offset: u64, value: u8, ctx: &mut DeviceCtx) {
+        self.bank_channel0(ctx.now_ns);
         match offset {
-            0..=2 => self.channels[offset as usize].write_data(value, now_ns),
-            3 => self.write_control(value, now_ns),
+            0..=2 => self.channels[offset as usize].write_data(value, ctx.now_ns),
+            3 => self.write_control(value, ctx),
             _ => tracing::debug!(offset, value, "pit: write outside the device ignored"),
         }
     }
 
-    fn read_byte(&mut self, offset: u64, now_ns: u64) -> u8 {
+    fn read_byte(&mut self, offset: u64, ctx: &mut DeviceCtx) -> u8 {
         match offset {
-            0..=2 => self.channels[offset as usize].read_data(now_ns),
+            0..=2 => self.channels[offset as usize].read_data(ctx),
             _ => {
                 tracing::trace!(offset, "pit: read of control port or beyond");
                 0xff
@@ -635,21 +665,13 @@ impl BusDevice for Pit {
     /// A wider access reads consecutive ports, as on ISA.
     fn read(&mut self, offset: u64, data: &mut [u8], ctx: &mut DeviceCtx) {
         for (i, byte) in (0u64..).zip(data.iter_mut()) {
-            *byte = self.read_byte(offset.saturating_add(i), ctx.now_ns);
+            *byte = self.read_byte(offset.saturating_add(i), ctx);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8], ctx: &mut DeviceCtx) {
         for (i, &byte) in (0u64..).zip(data.iter()) {
-            self.write_byte(offset.saturating_add(i), byte, ctx.now_ns);
-        }
-    }
-
-    fn read_class(&self, offset: u64) -> ReadClass {
-        if offset < 3 {
-            ReadClass::Clock
-        } else {
-            ReadClass::Deterministic
+            self.write_byte(offset.saturating_add(i), byte, ctx);
         }
     }
 }
@@ -937,13 +959,74 @@ mod tests {
         assert_eq!(latched_count(&mut pit, 1, tick_ns(3)), 13);
     }
 
-    #[test]
-    fn read_classes() {
-        let pit = Pit::new();
-        for offset in 0..3 {
-            assert_eq!(pit.read_class(offset), ReadClass::Clock);
+    /// The host values an access took in.
+    fn taken(pit: &mut Pit, offset: u64, write: Option<u8>, now_ns: u64) -> Vec<u64> {
+        let mut ctx = DeviceCtx::new(now_ns);
+        match write {
+            Some(v) => pit.write(offset, &[v], &mut ctx),
+            None => pit.read(offset, &mut [0u8], &mut ctx),
         }
-        assert_eq!(pit.read_class(3), ReadClass::Deterministic);
+        ctx.taken().map(|(_, v)| v.to_vec()).unwrap_or_default()
+    }
+
+    #[test]
+    fn live_counts_and_latches_are_sampled_latched_reads_are_state() {
+        let mut pit = Pit::new();
+        program0(&mut pit, 2, 1000, 0);
+        // An unlatched read samples the count; so does the latch command.
+        assert_eq!(taken(&mut pit, 0, None, tick_ns(10)), [990]);
+        assert_eq!(taken(&mut pit, 0, None, tick_ns(10)), [990]);
+        assert_eq!(taken(&mut pit, 3, Some(0x00), tick_ns(20)), [980]);
+        // Reading the latch is deterministic: nothing sampled.
+        assert!(taken(&mut pit, 0, None, tick_ns(30)).is_empty());
+        assert!(taken(&mut pit, 0, None, tick_ns(40)).is_empty());
+        // Read-back of channel 0's status and count: two values.
+        assert_eq!(taken(&mut pit, 3, Some(0xc2), tick_ns(50)).len(), 2);
+        // Programming takes no host value the guest can see.
+        assert!(taken(&mut pit, 3, Some(0x34), tick_ns(60)).is_empty());
+    }
+
+    #[test]
+    fn a_latch_replayed_from_the_log_holds_the_logged_count() {
+        let mut pit = Pit::new();
+        program0(&mut pit, 2, 40000, 0);
+        // The latch command gets the primary's count from the log ...
+        pit.write(
+            3,
+            &[0x00],
+            &mut DeviceCtx::replayed(tick_ns(5), vec![12345]),
+        );
+        // ... and both bytes read back from it, whatever the clock says now.
+        let lo = inb(&mut pit, 0, tick_ns(39000));
+        let hi = inb(&mut pit, 0, tick_ns(39001));
+        assert_eq!(u16::from_le_bytes([lo, hi]), 12345);
+    }
+
+    #[test]
+    fn resume_skips_periods_that_passed_while_silent_without_moving_the_phase() {
+        let mut pit = Pit::new();
+        program0(&mut pit, 2, 1000, 0);
+        // Silent for 7.5 periods: no interrupt is taken.
+        let now = tick_ns(7500);
+        pit.resume(now);
+        assert_eq!(pit.take_expired(now), 0, "no catch-up tick");
+        assert_eq!(pit.next_deadline_ns(), Some(tick_ns(8000)));
+        assert_eq!(pit.take_expired(tick_ns(8000)), 1);
+    }
+
+    #[test]
+    fn resume_drops_banked_interrupts_but_keeps_an_unfired_one_shot() {
+        let mut pit = Pit::new();
+        program0(&mut pit, 2, 100, 0);
+        program0(&mut pit, 0, 5000, tick_ns(350)); // 3 periods banked
+        let now = tick_ns(1000);
+        pit.resume(now);
+        assert_eq!(pit.take_expired(now), 0, "the banked ones are gone");
+        assert_eq!(pit.next_deadline_ns(), Some(tick_ns(350) + tick_ns(5000)));
+        // A one-shot whose deadline passed while silent still fires once.
+        let late = tick_ns(350) + tick_ns(6000);
+        pit.resume(late);
+        assert_eq!(pit.take_expired(late), 1);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! COM1: a 16550 UART from vm-superio, with its interrupt routed to the PIC
 //! through a latch the VMM drains after each access (so the IRQ is raised
-//! inside the exit that caused it).
+//! inside the exit that caused it). Transmitted bytes are the access's
+//! output ([`DeviceCtx::emit`]); where they go is the run loop's business.
 
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use super::{BusDevice, DeviceCtx};
+use crate::output::Stream;
 
 /// ISA IRQ of COM1.
 pub const SERIAL_IRQ: u8 = 4;
@@ -35,9 +36,6 @@ impl Trigger for IrqLatch {
     }
 }
 
-/// Where the guest's serial output goes.
-pub type SerialOut = Box<dyn Write + Send>;
-
 /// The UART's registers, for snapshots (vm-superio's state is not serde).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UartState {
@@ -47,22 +45,23 @@ pub struct UartState {
 
 /// COM1.
 pub struct Uart {
-    inner: Serial<IrqLatch, NoEvents, SerialOut>,
+    /// Writes into a buffer that each access drains into its context.
+    inner: Serial<IrqLatch, NoEvents, Vec<u8>>,
     latch: IrqLatch,
 }
 
 impl Uart {
-    /// A UART in its reset state writing to `out`.
-    pub fn new(out: SerialOut) -> Self {
+    /// A UART in its reset state.
+    pub fn new() -> Self {
         let latch = IrqLatch::default();
         Uart {
-            inner: Serial::new(latch.clone(), out),
+            inner: Serial::new(latch.clone(), Vec::new()),
             latch,
         }
     }
 
     /// Rebuild from a snapshot.
-    pub fn from_state(state: &UartState, out: SerialOut) -> Result<Self, String> {
+    pub fn from_state(state: &UartState) -> Result<Self, String> {
         let r = state.regs;
         let s = SerialState {
             baud_divisor_low: r[0],
@@ -77,7 +76,7 @@ impl Uart {
             in_buffer: state.in_buffer.clone(),
         };
         let latch = IrqLatch::default();
-        let inner = Serial::from_state(&s, latch.clone(), NoEvents, out)
+        let inner = Serial::from_state(&s, latch.clone(), NoEvents, Vec::new())
             .map_err(|e| format!("serial state: {e:?}"))?;
         // Restoring re-raises what was pending; the PIC state already holds it.
         latch.take();
@@ -115,11 +114,6 @@ impl Uart {
         self.inner.fifo_capacity()
     }
 
-    /// Replace the output sink (a restored or promoted VM writes elsewhere).
-    pub fn set_output(&mut self, out: SerialOut) -> SerialOut {
-        std::mem::replace(self.inner.writer_mut(), out)
-    }
-
     fn drain_irq(&self, ctx: &mut DeviceCtx) {
         if self.latch.take() {
             ctx.irq_pulses.push(SERIAL_IRQ);
@@ -138,37 +132,33 @@ impl BusDevice for Uart {
     fn write(&mut self, offset: u64, data: &[u8], ctx: &mut DeviceCtx) {
         if let Some(b) = data.first() {
             if let Err(e) = self.inner.write(offset as u8, *b) {
-                tracing::warn!("serial output failed: {e:?}");
+                tracing::warn!("serial write failed: {e:?}");
             }
         }
+        let sent = std::mem::take(self.inner.writer_mut());
+        if !sent.is_empty() {
+            ctx.emit(Stream::Console, sent);
+        }
         self.drain_irq(ctx);
+    }
+}
+
+impl Default for Uart {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-    impl Write for Shared {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn output_and_rx_interrupt() {
-        let out = Shared::default();
-        let mut u = Uart::new(Box::new(out.clone()));
+        let mut u = Uart::new();
         let mut ctx = DeviceCtx::default();
         u.write(0, b"h", &mut ctx);
-        assert_eq!(out.0.lock().unwrap().as_slice(), b"h");
+        assert_eq!(ctx.outputs, vec![(Stream::Console, b"h".to_vec())]);
         u.write(1, &[1], &mut ctx); // IER: rx data interrupt
         ctx.irq_pulses.clear();
         assert_eq!(u.receive(b"ab", &mut ctx), 2);
@@ -176,16 +166,17 @@ mod tests {
         let mut b = [0u8];
         u.read(0, &mut b, &mut ctx);
         assert_eq!(b[0], b'a');
+        assert_eq!(ctx.outputs.len(), 1, "only the data register transmits");
     }
 
     #[test]
     fn state_round_trip_keeps_fifo() {
-        let mut u = Uart::new(Box::new(std::io::sink()));
+        let mut u = Uart::new();
         let mut ctx = DeviceCtx::default();
         u.write(3, &[0x03], &mut ctx);
         u.receive(b"xyz", &mut ctx);
         let s = u.state();
-        let mut v = Uart::from_state(&s, Box::new(std::io::sink())).unwrap();
+        let mut v = Uart::from_state(&s).unwrap();
         assert_eq!(v.state(), s);
         let mut b = [0u8];
         v.read(0, &mut b, &mut ctx);
