@@ -257,6 +257,46 @@ mod tests {
     }
 
     #[test]
+    fn going_live_rewrites_held_console_bytes_at_their_offsets() {
+        let path = std::env::temp_dir().join(format!("ftvmm-console-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let file = ConsoleFile::open(&path).unwrap();
+        // What the primary released before it died.
+        file.put(0, b"abc");
+        let mut held = HeldOutputs::default();
+        for (i, b) in b"bc".iter().enumerate() {
+            let o = Output {
+                stream: Stream::Console,
+                position: 1 + i as u64,
+                bytes: vec![*b],
+            };
+            held.put(o, Some(i as u64));
+        }
+        held.put(
+            Output {
+                stream: Stream::Net,
+                position: 0,
+                bytes: vec![0; 60],
+            },
+            Some(9),
+        );
+        let mut live = Direct::new(ConsoleTarget::File(file), None);
+        for (o, tag) in held.take() {
+            live.put(o, tag);
+        }
+        live.put(
+            Output {
+                stream: Stream::Console,
+                position: 3,
+                bytes: b"d".to_vec(),
+            },
+            None,
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"abcd");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn the_primary_holds_an_untagged_output_until_the_gate_opens() {
         let gate = OutputGate::new();
         let mut g = GatedOutputs::new(gate.clone());

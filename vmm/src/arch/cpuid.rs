@@ -73,14 +73,21 @@ fn table(entries: &[kvm_cpuid_entry2]) -> Result<CpuId> {
     CpuId::from_entries(entries).map_err(|e| Error::Cpuid(format!("{e:?}")))
 }
 
+fn host_supported() -> Result<CpuId> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(Error::KvmUnavailable)?;
+    kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))
+}
+
 /// The guest table this host would give a new VM (for a log header
 /// written before the VM exists).
 pub fn host_guest_table() -> Result<Vec<CpuidEntry>> {
-    let kvm = kvm_ioctls::Kvm::new().map_err(Error::KvmUnavailable)?;
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::kvm("KVM_GET_SUPPORTED_CPUID"))?;
-    Ok(to_log(&guest_cpuid(&supported)?))
+    Ok(to_log(&guest_cpuid(&host_supported()?)?))
+}
+
+/// Everything this host's KVM can give a guest (KVM_GET_SUPPORTED_CPUID).
+pub fn supported_table() -> Result<Vec<CpuidEntry>> {
+    Ok(to_log(&host_supported()?))
 }
 
 /// A table as the log header carries it.
