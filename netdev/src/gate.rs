@@ -1,10 +1,9 @@
 //! The output gate: the output rule of VMware FT.
 //!
 //! Nothing the guest sends to the outside world (serial bytes, network
-//! frames) may leave the primary before the backup has acknowledged every
-//! log entry up to the one that was last at the moment the output was
-//! produced: otherwise a failover could show the world an output the new
-//! primary never produces. The guest is never stalled by this; outputs are
+//! frames) may leave the primary before the backup has acknowledged the
+//! output's own log entry (and so every entry before it): otherwise a
+//! failover could show the world an output the new primary never produces. The guest is never stalled by this; outputs are
 //! tagged when produced and held here until the acknowledgement arrives.
 
 use std::collections::VecDeque;
@@ -117,7 +116,7 @@ impl<T> OutputGate<T> {
         r
     }
 
-    /// Hold `item`, produced when `tag` was the last log entry.
+    /// Hold `item`, whose own log entry is `tag`.
     pub fn hold(&self, tag: Tag, item: T) {
         self.with(|s| {
             s.held.push_back((tag, Instant::now(), item));
