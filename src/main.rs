@@ -247,7 +247,7 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
         node_id: f
             .node_id
             .clone()
-            .unwrap_or_else(|| format!("{role}-{}", std::process::id())),
+            .unwrap_or_else(|| ftvmm::arbiter::default_node_id(role)),
         console: f
             .console_file
             .clone()

@@ -1,14 +1,17 @@
-//! The lag throttle: the primary's recorder, slowed while the backup's
-//! replay is too far behind, so a failover never has far to catch up.
+//! The lag throttle: the primary's recorder, slowed at execution points
+//! while the backup's replay is too far behind (so a failover never has far
+//! to catch up) or while the output gate is full (so no output is lost),
+//! and stopped when the backup is found dead.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftlog::PrimarySender;
+use netdev::OutputGate;
 use vmm::record::Recorder;
 use vmm::Machine;
 
-use crate::heartbeat::Heartbeat;
+use crate::output::Output;
 
 /// How far (in host time) the backup's replay is behind: the age of the
 /// oldest entry it has not executed, from samples of the log position taken
@@ -38,32 +41,53 @@ impl LagClock {
     }
 }
 
-/// The recorder, slowed down while the backup's replay lags too far behind
-/// (the channel's lag bound), so a failover never has far to catch up, and
-/// stopped when the backup's heartbeats stop.
+/// The throttle's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct ThrottleBounds {
+    /// How far behind (host time) the backup's replay may fall before the
+    /// guest is stalled; the channel's `lag_bound` caps it in entries.
+    pub lag: Duration,
+    /// How long the guest may stay stalled by the lag before the backup is
+    /// declared dead ([`FtOptions::throttle_limit`](crate::ft_options::FtOptions::throttle_limit)).
+    pub give_up: Duration,
+}
+
+/// The recorder behind the lag throttle and the output gate's bound. A
+/// backup that keeps the guest stalled past the bound is declared dead: the
+/// channel is aborted ([`PrimarySender::abort`]) and the run ends with an
+/// error, which the primary answers with the arbiter. A channel that failed
+/// (a heartbeat watch declares a dead backup through it too) ends the run
+/// at the next point.
 pub struct Throttled {
     inner: Recorder<Arc<PrimarySender>>,
     tx: Arc<PrimarySender>,
-    heartbeat: Option<Heartbeat>,
+    gate: OutputGate<Output>,
     lag: LagClock,
-    lag_bound: Duration,
+    bounds: ThrottleBounds,
+}
+
+/// How often a stalled guest re-checks.
+const POLL: Duration = Duration::from_millis(50);
+
+fn channel(e: ftlog::ChannelError) -> vmm::Error {
+    vmm::Error::Observer(format!("logging channel: {e}"))
 }
 
 impl Throttled {
-    /// Throttle `inner` (which records into `tx`) to `lag_bound` of replay
-    /// lag; stop when `heartbeat` finds the backup dead.
+    /// Throttle `inner` (which records into `tx`, its outputs held in
+    /// `gate`) within `bounds`.
     pub fn new(
         inner: Recorder<Arc<PrimarySender>>,
         tx: Arc<PrimarySender>,
-        heartbeat: Option<Heartbeat>,
-        lag_bound: Duration,
+        gate: OutputGate<Output>,
+        bounds: ThrottleBounds,
     ) -> Self {
         Throttled {
             inner,
             tx,
-            heartbeat,
+            gate,
             lag: LagClock::default(),
-            lag_bound,
+            bounds,
         }
     }
 
@@ -71,29 +95,47 @@ impl Throttled {
     pub fn into_recorder(self) -> Recorder<Arc<PrimarySender>> {
         self.inner
     }
+
+    /// Stall while the backup lags or the gate is full; give up on a
+    /// backup that stays behind past the bound.
+    fn hold_back(&mut self) -> vmm::Result<()> {
+        self.lag.note(self.tx.next_seq());
+        let mut since: Option<Instant> = None;
+        loop {
+            if let Some(e) = self.tx.error() {
+                return Err(channel(e));
+            }
+            let acks = self.tx.acks();
+            let entries = self.tx.lag();
+            let behind = self.lag.lag(acks.executed);
+            let lagging = entries > self.tx.lag_bound() || behind > self.bounds.lag;
+            let full = self.gate.is_full();
+            if !lagging && !full {
+                return Ok(());
+            }
+            let stalled = since.get_or_insert_with(Instant::now).elapsed();
+            if lagging && stalled > self.bounds.give_up {
+                let why = format!(
+                    "the backup's replay stayed behind the lag bound for {stalled:?} \
+                     ({entries} entries, {behind:?} not executed): declaring the backup dead"
+                );
+                self.tx.abort(why.clone());
+                return Err(vmm::Error::Observer(why));
+            }
+            if lagging {
+                self.tx.wait_acks_change(acks, POLL).map_err(channel)?;
+            } else {
+                // Full gate: the outputs wait for acks the channel's own
+                // liveness check bounds.
+                self.gate.wait_room(POLL);
+            }
+        }
+    }
 }
 
 impl vmm::Observer for Throttled {
     fn at_point(&mut self, m: &mut Machine) -> vmm::Result<vmm::Flow> {
-        if let Some(hb) = &self.heartbeat {
-            if !hb.is_alive() {
-                return Err(vmm::Error::Observer(format!(
-                    "the backup's heartbeats stopped {:?} ago",
-                    hb.silence()
-                )));
-            }
-        }
-        let channel =
-            |e: ftlog::ChannelError| vmm::Error::Observer(format!("logging channel: {e}"));
-        self.tx.throttle().map_err(channel)?;
-        self.lag.note(self.tx.next_seq());
-        let mut acks = self.tx.acks();
-        while self.lag.lag(acks.executed) > self.lag_bound {
-            acks = self
-                .tx
-                .wait_acks_change(acks, Duration::from_millis(50))
-                .map_err(channel)?;
-        }
+        self.hold_back()?;
         self.inner.at_point(m)
     }
 
