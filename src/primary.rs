@@ -113,13 +113,15 @@ enum PairEnd {
 fn run_paired(m: &mut Machine, rec: Throttled, tx: &PrimarySender, ft: &FtOptions) -> PairEnd {
     let mut rec = rec;
     let run = m.run(&mut rec);
+    let gave_up = rec.gave_up().map(str::to_owned);
     let mut rec = rec.into_recorder();
     let end = match run {
         Ok(end) => end,
         Err(e) => {
-            return match tx.error() {
-                Some(c) => PairEnd::ChannelFailed(format!("{e} ({c})"), None),
-                None => PairEnd::VmFailed(e),
+            return match (tx.error(), gave_up) {
+                (_, Some(why)) => PairEnd::ChannelFailed(why, None),
+                (Some(_), None) => PairEnd::ChannelFailed(e.to_string(), None),
+                (None, None) => PairEnd::VmFailed(e),
             };
         }
     };
@@ -174,14 +176,20 @@ pub fn run_primary(
         net_mac: ft.net.as_ref().map(|n| n.mac),
     };
     let header = header_for(image, &cfg, &opts);
-    let generation = generation::start_as_primary(&Arbiter::new(&ft.arbiter, &ft.node_id)?)?;
-    eprintln!(
-        "ftvmm: {} pairs with its backup as generation {generation}",
-        ft.node_id
-    );
+    let arbiter = Arbiter::new(&ft.arbiter, &ft.node_id)?;
+    let generation = generation::offer(&arbiter)?;
     let mut channel = ft.channel_config();
     channel.generation = generation;
     let tx = Arc::new(connect(peer, &channel, &header)?);
+    if let Err(e) = generation::claim_boot(&arbiter, generation) {
+        tx.abort(e.to_string());
+        return Err(e);
+    }
+    eprintln!(
+        "ftvmm: {} paired with the backup at {} as generation {generation}",
+        ft.node_id,
+        tx.peer_addr()
+    );
     let console = ConsoleFile::open(&ft.console)?;
     let gate = OutputGate::new();
     cfg.serial_out = Box::new(GatedSerial::new(gate.clone(), tx.clone()));
@@ -234,10 +242,12 @@ pub fn run_primary(
             Ok(end)
         }
         PairEnd::ChannelFailed(why, end) => {
-            // Cut the channel first, so a backup that is still there stops
-            // waiting and asks the arbiter too.
-            tx.abort(why.clone());
-            match win_arbiter(ft, generation, &why) {
+            // The arbiter first: a backup declared dead (lagging, silent)
+            // is the worst side to take over. Then cut the channel, so a
+            // backup that is still there stops waiting.
+            let won = win_arbiter(ft, generation, &why);
+            tx.abort(why);
+            match won {
                 Ok(alone) => {
                     release.go_alone(&alone);
                     match end {

@@ -173,6 +173,26 @@ impl<T> OutputGate<T> {
     /// hold, an open), then take it. The check and the wait are one step
     /// under the lock, so a wake-up between them is not lost.
     pub fn wait_released(&self, timeout: Duration) -> Vec<Released<T>> {
+        let out = self.wait_for(timeout, |s| {
+            let out = s.release();
+            (!out.is_empty()).then_some(out)
+        });
+        match out {
+            Some(out) => {
+                self.inner.1.notify_all(); // room for a stalled vCPU
+                out
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Wait up to `timeout` until `ready` gives something, checking it
+    /// under the lock at every wake-up.
+    fn wait_for<R>(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut(&mut State<T>) -> Option<R>,
+    ) -> Option<R> {
         let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.inner;
         let mut s = match m.lock() {
@@ -180,14 +200,12 @@ impl<T> OutputGate<T> {
             Err(p) => p.into_inner(),
         };
         loop {
-            let out = s.release();
-            let now = Instant::now();
-            if !out.is_empty() {
-                cv.notify_all(); // room for a stalled vCPU
-                return out;
+            if let Some(r) = ready(&mut s) {
+                return Some(r);
             }
+            let now = Instant::now();
             if now >= deadline {
-                return out;
+                return None;
             }
             s = match cv.wait_timeout(s, deadline - now) {
                 Ok((g, _)) => g,
@@ -211,25 +229,8 @@ impl<T> OutputGate<T> {
     /// Wait up to `timeout` until at most half the limit is held; returns
     /// whether it is.
     pub fn wait_room(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let (m, cv) = &*self.inner;
-        let mut s = match m.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        loop {
-            if s.held.len() <= s.limit / 2 {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            s = match cv.wait_timeout(s, deadline - now) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
-        }
+        self.wait_for(timeout, |s| (s.held.len() <= s.limit / 2).then_some(()))
+            .is_some()
     }
 
     /// Drop everything held (a backup discards its own outputs; a primary
