@@ -162,6 +162,72 @@ fn watch_heartbeats(
     })))
 }
 
+/// Pair with the backup at `peer`: offer a new generation, connect, and
+/// claim the boot once the backup accepted (generation.rs).
+fn pair(
+    peer: &str,
+    ft: &FtOptions,
+    header: &ftlog::LogHeader,
+) -> Result<(Arc<PrimarySender>, u64)> {
+    let arbiter = Arbiter::new(&ft.arbiter, &ft.node_id)?;
+    let generation = generation::offer(&arbiter)?;
+    let mut channel = ft.channel_config();
+    channel.generation = generation;
+    let tx = Arc::new(connect(peer, &channel, header)?);
+    if let Err(e) = generation::claim_boot(&arbiter, generation) {
+        tx.abort(e.to_string());
+        return Err(e);
+    }
+    eprintln!(
+        "ftvmm: {} paired with the backup at {} as generation {generation}",
+        ft.node_id,
+        tx.peer_addr()
+    );
+    Ok((tx, generation))
+}
+
+/// After the paired run: close cleanly with everything acknowledged, or
+/// let the arbiter decide whether this side goes on alone.
+fn end_pairing(
+    m: &mut Machine,
+    paired: PairEnd,
+    tx: &PrimarySender,
+    release: &OutputRelease,
+    ft: &FtOptions,
+    generation: u64,
+) -> Result<RunEnd> {
+    match paired {
+        PairEnd::Complete(end) => {
+            release.acknowledged(tx.next_seq().saturating_sub(1));
+            match tx.close() {
+                Ok(_) => eprintln!("ftvmm: the backup has the whole log; logging channel closed"),
+                // Everything was acknowledged: nothing depends on the close.
+                Err(e) => eprintln!(
+                    "ftvmm: the backup has the whole log; the logging channel did not close cleanly ({e})"
+                ),
+            }
+            Ok(end)
+        }
+        PairEnd::ChannelFailed(why, end) => {
+            // The arbiter first: a backup declared dead (lagging, silent)
+            // is the worst side to take over. Then cut the channel, so a
+            // backup that is still there stops waiting.
+            let won = win_arbiter(ft, generation, &why);
+            tx.abort(why);
+            let alone = won?;
+            release.go_alone(&alone);
+            match end {
+                Some(end) => Ok(end),
+                None => Ok(m.run(&mut Live)?),
+            }
+        }
+        PairEnd::VmFailed(e) => {
+            tx.abort(format!("the primary's VM failed: {e}"));
+            Err(anyhow!(e).context("the VM failed; the backup takes over"))
+        }
+    }
+}
+
 /// Run as the primary: record into the channel to `peer`.
 pub fn run_primary(
     image: &[u8],
@@ -176,20 +242,7 @@ pub fn run_primary(
         net_mac: ft.net.as_ref().map(|n| n.mac),
     };
     let header = header_for(image, &cfg, &opts);
-    let arbiter = Arbiter::new(&ft.arbiter, &ft.node_id)?;
-    let generation = generation::offer(&arbiter)?;
-    let mut channel = ft.channel_config();
-    channel.generation = generation;
-    let tx = Arc::new(connect(peer, &channel, &header)?);
-    if let Err(e) = generation::claim_boot(&arbiter, generation) {
-        tx.abort(e.to_string());
-        return Err(e);
-    }
-    eprintln!(
-        "ftvmm: {} paired with the backup at {} as generation {generation}",
-        ft.node_id,
-        tx.peer_addr()
-    );
+    let (tx, generation) = pair(peer, ft, &header)?;
     let console = ConsoleFile::open(&ft.console)?;
     let gate = OutputGate::new();
     cfg.serial_out = Box::new(GatedSerial::new(gate.clone(), tx.clone()));
@@ -229,40 +282,7 @@ pub fn run_primary(
     );
     let paired = run_paired(&mut m, rec, &tx, ft);
     drop(watch);
-    let end = match paired {
-        PairEnd::Complete(end) => {
-            release.acknowledged(tx.next_seq().saturating_sub(1));
-            match tx.close() {
-                Ok(_) => eprintln!("ftvmm: the backup has the whole log; logging channel closed"),
-                // Everything was acknowledged: nothing depends on the close.
-                Err(e) => eprintln!(
-                    "ftvmm: the backup has the whole log; the logging channel did not close cleanly ({e})"
-                ),
-            }
-            Ok(end)
-        }
-        PairEnd::ChannelFailed(why, end) => {
-            // The arbiter first: a backup declared dead (lagging, silent)
-            // is the worst side to take over. Then cut the channel, so a
-            // backup that is still there stops waiting.
-            let won = win_arbiter(ft, generation, &why);
-            tx.abort(why);
-            match won {
-                Ok(alone) => {
-                    release.go_alone(&alone);
-                    match end {
-                        Some(end) => Ok(end),
-                        None => m.run(&mut Live).map_err(anyhow::Error::from),
-                    }
-                }
-                Err(lost) => Err(lost),
-            }
-        }
-        PairEnd::VmFailed(e) => {
-            tx.abort(format!("the primary's VM failed: {e}"));
-            Err(anyhow!(e).context("the VM failed; the backup takes over"))
-        }
-    };
+    let end = end_pairing(&mut m, paired, &tx, &release, ft, generation);
     done.store(true, Ordering::Release);
     let released = release.finish();
     if status.join().is_err() {

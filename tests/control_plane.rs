@@ -74,6 +74,7 @@ fn finding_1_a_guest_ending_with_the_channel_cut_leaves_one_stream() {
         let (b_code, b_err) = finish(backup, LIMIT);
         let (p_out, b_out) = (pair.output("primary"), pair.output("backup"));
         let ctx = format!("round {round}: primary {p_code}:\n{p_err}\nbackup {b_code}:\n{b_err}");
+        eprintln!("cut after {at:?}: {:?} won", winner(&p_err, &b_err));
         match winner(&p_err, &b_err) {
             Some("primary") => {
                 assert_eq!(p_code, 0, "{ctx}");
@@ -144,7 +145,15 @@ fn finding_6_a_backup_whose_replay_stalls_is_declared_dead_within_the_bound() {
     released(&pair, "tick 50 ");
     // The backup keeps acknowledging receipt; its executed reports freeze.
     relay.ctl.stall_executed.store(true, Ordering::SeqCst);
+    let stalled = unix_ms();
     let (p_code, p_err) = finish(primary, Duration::from_secs(20));
+    if let Some(won) = claim_time(&pair) {
+        eprintln!(
+            "the primary won the arbiter {} ms after the executed acks froze \
+             (lag bound 300 ms, then 300 + 500 ms stalled)",
+            won.saturating_sub(stalled)
+        );
+    }
     let (b_code, b_err) = finish(backup, LIMIT);
     let ctx = format!("primary {p_code}:\n{p_err}\nbackup {b_code}:\n{b_err}");
     assert_eq!(p_code, 0, "the primary goes on alone: {ctx}");
@@ -154,6 +163,23 @@ fn finding_6_a_backup_whose_replay_stalls_is_declared_dead_within_the_bound() {
     assert!(b_err.contains("already won the arbiter"), "{ctx}");
     assert_whole_console(&pair.output("primary"), "primary");
     assert!(pair.output("backup").is_empty(), "{ctx}");
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// When the latest arbiter decision was made (its claim's `unix-ms`).
+fn claim_time(pair: &Pair) -> Option<u64> {
+    let arb = ftvmm::arbiter::Arbiter::new(&pair.arbiter(), "reader").ok()?;
+    let (g, _) = arb.latest_decided().ok()??;
+    let claim = std::fs::read_to_string(arb.lock_path(g)).ok()?;
+    claim
+        .lines()
+        .find_map(|l| l.strip_prefix("unix-ms: "))
+        .and_then(|v| v.parse().ok())
 }
 
 /// An HTTP request to `port`; the connection is closed without an answer.
