@@ -204,7 +204,8 @@ struct FtArgs {
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
     /// Milliseconds the backup's replay may fall behind the primary before
-    /// the primary is slowed.
+    /// the primary is slowed; a backup that keeps it slowed for this plus
+    /// --peer-timeout-ms is declared dead (arbiter, then alone).
     #[arg(long, default_value_t = 1000)]
     lag_bound_ms: u64,
     /// A cap in log entries on the same lag (default 10000).
