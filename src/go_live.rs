@@ -11,20 +11,35 @@ use crate::ft_options::FtOptions;
 use crate::net::{self, LiveTap, NetOptions};
 use crate::output::{ConsoleFile, DirectSerial, HeldSerial};
 
-/// Win the arbiter or explain why not: the only way either side may go on
-/// without its peer.
-pub fn win_arbiter(ft: &FtOptions, why: &str) -> Result<()> {
+/// Proof that this side won the arbiter for its pairing's generation: the
+/// only thing that lets it run alone and release output its peer never
+/// acknowledged. Only [`win_arbiter`] makes one.
+#[derive(Debug)]
+pub struct Alone {
+    generation: u64,
+}
+
+impl Alone {
+    /// The generation this side won.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// Win the arbiter for `generation` or explain why not: the only way either
+/// side may go on without its peer.
+pub fn win_arbiter(ft: &FtOptions, generation: u64, why: &str) -> Result<Alone> {
     let arb = Arbiter::new(&ft.arbiter, &ft.node_id)?;
-    match arb.try_win(1)? {
+    match arb.try_win(generation)? {
         Outcome::Won => {
             eprintln!(
-                "ftvmm: {why}; {} won the arbiter and goes on alone",
+                "ftvmm: {why}; {} won the arbiter (generation {generation}) and goes on alone",
                 ft.node_id
             );
-            Ok(())
+            Ok(Alone { generation })
         }
         Outcome::Lost { winner } => {
-            bail!("{why}, but {winner} already won the arbiter: stopping this VM so there is never more than one primary")
+            bail!("{why}, but {winner} already won the arbiter (generation {generation}): stopping this VM so there is never more than one primary")
         }
     }
 }

@@ -170,15 +170,18 @@ pub fn ack_pump(
 }
 
 /// Put released outputs where they go, as soon as the gate lets them out
-/// (an ack, or a new output whose tag is already acknowledged), until `done`.
+/// (an ack, or a new output whose tag is already acknowledged), until `done`;
+/// after each batch, tell `released_through` the highest tag put out.
 pub fn releaser(
     gate: OutputGate<Output>,
     console: ConsoleFile,
     tap: Option<netdev::Tap>,
     done: Arc<AtomicBool>,
+    released_through: impl Fn(u64),
 ) -> ReleaseReport {
     let mut report = ReleaseReport::default();
     let mut put = |released: Vec<netdev::Released<Output>>| {
+        let through = released.iter().filter_map(|r| r.tag).max();
         for r in released {
             match r.item {
                 Output::Console(offset, bytes) => {
@@ -192,6 +195,9 @@ pub fn releaser(
                     report.frame_delays.push(r.held_for);
                 }
             }
+        }
+        if let Some(t) = through {
+            released_through(t);
         }
     };
     while !done.load(Ordering::Acquire) {
