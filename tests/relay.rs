@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ftlog::channel::inspect::MsgKind;
 use ftlog::{
     Acks, BackupExpect, BackupListener, BackupReceiver, ChannelConfig, EntryKind, ExecBackend,
     ExecPoint, PrimarySender,
@@ -107,6 +108,11 @@ fn the_relay_forwards_and_counts_entries_ticks_acks_and_bytes() {
         c.bytes_to_backup > 100 * 8 && c.bytes_to_primary > 0,
         "{c:?}"
     );
+    assert_eq!(c.frames_of(Direction::ToBackup, MsgKind::Entry), 100);
+    assert_eq!(c.frames_of(Direction::ToBackup, MsgKind::Hello), 1);
+    assert_eq!(c.frames_of(Direction::ToBackup, MsgKind::Header), 1);
+    assert_eq!(c.frames_of(Direction::ToBackup, MsgKind::Close), 1);
+    assert_eq!(c.frames_of(Direction::ToPrimary, MsgKind::Close), 1);
 }
 
 #[test]

@@ -19,7 +19,7 @@
 //! relay.arm(Trigger::Entry(900), Fault::Truncate { keep: None, then: Ending::Close });
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -33,7 +33,7 @@ use ftlog::channel::{CHANNEL_MAGIC, CHANNEL_PREAMBLE_LEN};
 use ftlog::EntryKind;
 
 /// Which way bytes flow through the relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     /// From the primary to the backup (entries).
     ToBackup,
@@ -129,6 +129,16 @@ pub struct RelayCounters {
     pub truncated: Option<(u64, u64)>,
     /// Faults as they took effect, with the time since the relay started.
     pub faults: Vec<(Duration, Fault)>,
+    /// Complete frames seen, by direction and message kind (forwarded or
+    /// not).
+    pub frames: HashMap<(Direction, MsgKind), u64>,
+}
+
+impl RelayCounters {
+    /// Frames of `kind` seen going `dir`.
+    pub fn frames_of(&self, dir: Direction, kind: MsgKind) -> u64 {
+        self.frames.get(&(dir, kind)).copied().unwrap_or(0)
+    }
 }
 
 /// A frame rewriter: gets each complete frame, returns its replacement.
@@ -606,6 +616,9 @@ impl Pump {
     fn frame(&mut self, frame: Vec<u8>) {
         let kind = inspect::kind(&frame);
         let mut st = lock(&self.shared.st);
+        if let Some(k) = kind {
+            *st.counters.frames.entry((self.dir, k)).or_default() += 1;
+        }
         let mut frame = frame;
         match (self.dir, kind) {
             (Direction::ToBackup, Some(MsgKind::Entry)) => {
