@@ -309,14 +309,21 @@ impl Proc {
         String::from_utf8_lossy(&self.console()).into_owned()
     }
 
-    /// It said it won the arbiter.
+    /// It said it won the arbiter ("NODE won the arbiter"; a loser names
+    /// the winner before "already won").
     pub fn won(&self) -> bool {
-        self.stderr().contains("won the arbiter")
+        let err = self.stderr();
+        match &self.node_id {
+            Some(id) => err.contains(&format!("{id} won the arbiter")),
+            None => err.contains(" won the arbiter and goes on"),
+        }
     }
 
-    /// It said it went live as the backup.
+    /// It went live as the backup: it said so, or it wrote console output
+    /// (a backup writes its console only once it is live).
     pub fn went_live(&self) -> bool {
         self.stderr().contains("going live")
+            || (self.role == "backup" && !self.console().is_empty())
     }
 
     /// A block for failure messages: name, exit code, stderr, console tail.
