@@ -19,6 +19,9 @@
 //! printed at the end. `FTVMM_TEST_SEED` reruns a campaign,
 //! `FTVMM_CAMPAIGN_RUNS` changes its length (default 105).
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -8,6 +8,9 @@
 //! side writes its own console file, and the checks compare what the
 //! primary released with what the backup produced itself.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{Read, Write};

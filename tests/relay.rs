@@ -2,6 +2,9 @@
 //! `PrimarySender` and `BackupListener` in this process: it forwards and
 //! counts, and each fault does what it says. No KVM needed.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

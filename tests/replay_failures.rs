@@ -5,6 +5,9 @@
 //! through `LogSource`s that end where the test says, then gone live with
 //! `Live` as a backup does.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::VecDeque;
