@@ -30,7 +30,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::pair::{check_extends, check_no_gap, PairDir, Proc, Side};
-use ftvmm::testkit::relay::{Ending, Fault, Relay, Trigger};
+use ftvmm::testkit::relay::{Ending, Fault, Trigger};
 
 /// A guest of the campaign: its command line, about how long it runs, and
 /// the line its complete console contains.
@@ -122,13 +122,12 @@ const RUN_LIMIT: Duration = Duration::from_secs(12);
 
 fn one_run(i: usize, guest: &Guest, fault: FaultKind, r: [f64; 3]) -> Outcome {
     let dir = PairDir::new(&format!("campaign{i}"));
-    let relay = Relay::start(dir.listen_addr().parse().unwrap()).unwrap();
+    let relay = dir.relay();
     let side = Side::new(guest.cmdline)
         .peer_timeout_ms(PEER_TIMEOUT_MS)
         .args(&["--lag-bound-ms", "300"]);
     let start = Instant::now();
-    let mut backup = dir.backup(&side);
-    let mut primary = dir.primary(&side, &relay.addr());
+    let (mut backup, mut primary) = dir.start_via(&side, &relay);
     // The fault lands while the guest runs: after its first entries.
     relay.wait_until(Duration::from_secs(10), |c| c.entries_forwarded > 0);
     let at = Duration::from_millis(20 + (r[0] * guest.runs_ms as f64) as u64);

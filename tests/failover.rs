@@ -12,7 +12,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::pair::{check_extends, check_no_gap, PairDir, Proc, Side};
-use ftvmm::testkit::relay::{Fault, Relay, Trigger};
+use ftvmm::testkit::relay::{Fault, Trigger};
 
 const CMDLINE: &str = "hz=250 ticks=300 digest_every=25";
 
@@ -82,8 +82,7 @@ fn killing_the_primary_at_random_moments_loses_no_console_output() {
     }
     for (i, f) in common::random_fractions(20).into_iter().enumerate() {
         let dir = PairDir::new(&format!("kill{i}"));
-        let mut backup = dir.backup(&side());
-        let mut primary = dir.primary(&side(), &dir.listen_addr());
+        let (mut backup, mut primary) = dir.start(&side());
         // The guest runs 1.2 s; kill anywhere from boot to its end.
         let at = Duration::from_millis(100 + (f * 1200.0) as u64);
         let start = Instant::now();
@@ -111,8 +110,7 @@ fn killing_the_backup_lets_the_primary_win_and_continue() {
         return;
     }
     let dir = PairDir::new("backupdies");
-    let mut backup = dir.backup(&side());
-    let mut primary = dir.primary(&side(), &dir.listen_addr());
+    let (mut backup, mut primary) = dir.start(&side());
     std::thread::sleep(Duration::from_millis(600));
     backup.kill();
     let code = primary.finish(Duration::from_secs(60));
@@ -144,9 +142,8 @@ fn a_cut_logging_channel_leaves_exactly_one_side_live() {
     }
     for round in 0..3u64 {
         let dir = PairDir::new(&format!("cut{round}"));
-        let relay = Relay::start(dir.listen_addr().parse().unwrap()).unwrap();
-        let mut backup = dir.backup(&side());
-        let mut primary = dir.primary(&side(), &relay.addr());
+        let relay = dir.relay();
+        let (mut backup, mut primary) = dir.start_via(&side(), &relay);
         relay.arm(
             Trigger::After(Duration::from_millis(300 + 200 * round)),
             Fault::Cut,
@@ -204,15 +201,13 @@ fn a_frozen_backup_is_found_dead_by_its_heartbeats() {
         return;
     }
     let dir = PairDir::new("heartbeat");
-    let udp = |off: u16| format!("127.0.0.1:{}", dir.port.wrapping_add(off));
-    let beats = |local: String, peer: String| {
+    let beats = |local: u16, peer: u16| {
         side()
             .peer_timeout_ms(5000)
-            .args(&["--heartbeat-local", &local, "--heartbeat-peer", &peer])
-            .args(&["--heartbeat-timeout-ms", "300"])
+            .heartbeats(&dir.udp(local), &dir.udp(peer), 300)
     };
-    let mut backup = dir.backup(&beats(udp(1), udp(2)));
-    let mut primary = dir.primary(&beats(udp(2), udp(1)), &dir.listen_addr());
+    let mut backup = dir.backup(&beats(1, 2));
+    let mut primary = dir.primary(&beats(2, 1), &dir.listen_addr());
     std::thread::sleep(Duration::from_millis(400));
     // SIGSTOP: the backup's sockets stay open, it just stops answering.
     backup.signal(libc::SIGSTOP);

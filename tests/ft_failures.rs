@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::pair::{check_extends, check_no_gap, NodeId, PairDir, Proc, Side};
 use ftlog::channel::inspect::{self, MsgKind};
-use ftvmm::testkit::relay::{Direction, Ending, Fault, Relay, RelayCounters, Trigger};
+use ftvmm::testkit::relay::{Direction, Ending, Fault, RelayCounters, Trigger};
 
 /// The bundled guest: 1.2 s, a digest line every 100 ms.
 const BUNDLED: &str = "hz=250 ticks=300 digest_every=25";
@@ -69,10 +69,9 @@ fn finding_1_a_cut_just_before_the_guest_ends_leaves_one_primary() {
     }
     let cmd = "mode=ends hz=100 ticks=60 work=200";
     let dir = PairDir::new("f1");
-    let relay = Relay::start(dir.listen_addr().parse().unwrap()).unwrap();
+    let relay = dir.relay();
     relay.arm(Trigger::Tick(50), Fault::Cut);
-    let mut backup = dir.backup(&Side::new(cmd));
-    let mut primary = dir.primary(&Side::new(cmd), &relay.addr());
+    let (mut backup, mut primary) = dir.start_via(&Side::new(cmd), &relay);
     let p_code = primary.finish(Duration::from_secs(60));
     let b_code = backup.finish(Duration::from_secs(60));
     let winners = dir.winners();
@@ -116,8 +115,7 @@ fn finding_2_output_released_by_the_primary_is_never_contradicted() {
     let fractions = common::random_fractions(8);
     for (i, f) in fractions.iter().enumerate() {
         let dir = PairDir::new(&format!("f2-{i}"));
-        let mut backup = dir.backup(&Side::new(cmd));
-        let mut primary = dir.primary(&Side::new(cmd), &dir.listen_addr());
+        let (mut backup, mut primary) = dir.start(&Side::new(cmd));
         let at = Duration::from_millis(300 + (f * 1000.0) as u64);
         let start = Instant::now();
         while start.elapsed() < at && primary.exited().is_none() {
@@ -165,7 +163,7 @@ fn finding_4_a_truncated_last_frame_is_the_end_of_the_log() {
         return;
     }
     let dir = PairDir::new("f4");
-    let relay = Relay::start(dir.listen_addr().parse().unwrap()).unwrap();
+    let relay = dir.relay();
     relay.arm(
         Trigger::Entry(200),
         Fault::Truncate {
@@ -173,8 +171,7 @@ fn finding_4_a_truncated_last_frame_is_the_end_of_the_log() {
             then: Ending::Close,
         },
     );
-    let mut backup = dir.backup(&Side::new(BUNDLED));
-    let mut primary = dir.primary(&Side::new(BUNDLED), &relay.addr());
+    let (mut backup, mut primary) = dir.start_via(&Side::new(BUNDLED), &relay);
     // The primary dies with its frame half written.
     relay.wait_until(Duration::from_secs(30), |c| c.truncated.is_some());
     primary.kill();
@@ -215,11 +212,10 @@ fn finding_6_a_backup_that_never_executes_is_declared_dead() {
         return;
     }
     let dir = PairDir::new("f6");
-    let relay = Relay::start(dir.listen_addr().parse().unwrap()).unwrap();
+    let relay = dir.relay();
     relay.arm(Trigger::Entry(100), Fault::FreezeExecuted);
     let side = Side::new(BUNDLED).args(&["--lag-bound-ms", "300"]);
-    let mut backup = dir.backup(&side);
-    let mut primary = dir.primary(&side, &relay.addr());
+    let (mut backup, mut primary) = dir.start_via(&side, &relay);
     // 1.2 s of guest, a lag bound of 300 ms and a peer timeout of 500 ms:
     // 30 s is far more than any bounded detection needs.
     let p_code = primary.finish(Duration::from_secs(30));
@@ -254,15 +250,14 @@ fn finding_6_heartbeat_death_is_noticed_while_throttled() {
         return;
     }
     let dir = PairDir::new("f6hb");
-    let udp = |off: u16| format!("127.0.0.1:{}", dir.port.wrapping_add(off));
-    let side = |local: String, peer: String| {
+    let side = |local: u16, peer: u16| {
         Side::new(BUNDLED)
             .peer_timeout_ms(60_000)
-            .args(&["--heartbeat-local", &local, "--heartbeat-peer", &peer])
-            .args(&["--heartbeat-timeout-ms", "300", "--lag-bound-ms", "100"])
+            .heartbeats(&dir.udp(local), &dir.udp(peer), 300)
+            .args(&["--lag-bound-ms", "100"])
     };
-    let mut backup = dir.backup(&side(udp(1), udp(2)));
-    let mut primary = dir.primary(&side(udp(2), udp(1)), &dir.listen_addr());
+    let mut backup = dir.backup(&side(1, 2));
+    let mut primary = dir.primary(&side(2, 1), &dir.listen_addr());
     std::thread::sleep(Duration::from_millis(400));
     // Frozen: no acks (the primary throttles after 100 ms), no heartbeats
     // (dead after 300 ms), the TCP connection still open.
@@ -425,8 +420,7 @@ fn finding_8_the_default_node_id_is_role_at_hostname_pid() {
     }
     let dir = PairDir::new("f8id");
     let side = Side::new(BUNDLED).node_id(NodeId::Default);
-    let mut backup = dir.backup(&side);
-    let mut primary = dir.primary(&side, &dir.listen_addr());
+    let (mut backup, mut primary) = dir.start(&side);
     std::thread::sleep(Duration::from_millis(600));
     backup.kill();
     let code = primary.finish(Duration::from_secs(60));
@@ -452,9 +446,8 @@ fn finding_11_a_guest_that_powers_off_closes_the_channel_cleanly() {
         return;
     }
     let dir = PairDir::new("f11close");
-    let relay = Relay::start(dir.listen_addr().parse().unwrap()).unwrap();
-    let mut backup = dir.backup(&Side::new(BUNDLED));
-    let mut primary = dir.primary(&Side::new(BUNDLED), &relay.addr());
+    let relay = dir.relay();
+    let (mut backup, mut primary) = dir.start_via(&Side::new(BUNDLED), &relay);
     let p_code = primary.finish(Duration::from_secs(60));
     let b_code = backup.finish(Duration::from_secs(60));
     let counters = relay.counters();

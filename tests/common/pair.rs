@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ftvmm::testkit::relay::Relay;
+
 /// The shared key the tests use.
 pub const KEY: &str = "failover test key";
 
@@ -55,6 +57,28 @@ impl PairDir {
     /// The backup's address.
     pub fn listen_addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A failure-injection relay in front of this pairing's backup.
+    pub fn relay(&self) -> Relay {
+        Relay::start(self.listen_addr().parse().unwrap()).unwrap()
+    }
+
+    /// Start a backup, then a primary connected to it directly:
+    /// (backup, primary).
+    pub fn start(&self, side: &Side) -> (Proc, Proc) {
+        (self.backup(side), self.primary(side, &self.listen_addr()))
+    }
+
+    /// Start a backup, then a primary connected to it through `relay`:
+    /// (backup, primary).
+    pub fn start_via(&self, side: &Side, relay: &Relay) -> (Proc, Proc) {
+        (self.backup(side), self.primary(side, &relay.addr()))
+    }
+
+    /// A UDP address near the backup's port, for heartbeats.
+    pub fn udp(&self, offset: u16) -> String {
+        format!("127.0.0.1:{}", self.port.wrapping_add(offset))
     }
 
     /// Start a backup listening on `self.port`.
@@ -215,6 +239,12 @@ impl Side {
     pub fn arg(mut self, a: &str) -> Side {
         self.extra.push(a.into());
         self
+    }
+
+    /// UDP heartbeats from `local` to `peer`, dead after `timeout_ms`.
+    pub fn heartbeats(self, local: &str, peer: &str, timeout_ms: u64) -> Side {
+        self.args(&["--heartbeat-local", local, "--heartbeat-peer", peer])
+            .args(&["--heartbeat-timeout-ms", &timeout_ms.to_string()])
     }
 
     pub fn args(mut self, a: &[&str]) -> Side {
