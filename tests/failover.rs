@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::pair::{check_extends, check_no_gap, PairDir, Proc, Side};
 use ftvmm::testkit::relay::{Fault, Trigger};
@@ -85,11 +85,7 @@ fn killing_the_primary_at_random_moments_loses_no_console_output() {
         let (mut backup, mut primary) = dir.start(&side());
         // The guest runs 1.2 s; kill anywhere from boot to its end.
         let at = Duration::from_millis(100 + (f * 1200.0) as u64);
-        let start = Instant::now();
-        while start.elapsed() < at && primary.exited().is_none() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        primary.kill();
+        primary.kill_after(at);
         let code = backup.finish(Duration::from_secs(60));
         let report = || format!("{}{}", primary.describe(), backup.describe());
         assert_eq!(

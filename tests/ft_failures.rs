@@ -117,11 +117,7 @@ fn finding_2_output_released_by_the_primary_is_never_contradicted() {
         let dir = PairDir::new(&format!("f2-{i}"));
         let (mut backup, mut primary) = dir.start(&Side::new(cmd));
         let at = Duration::from_millis(300 + (f * 1000.0) as u64);
-        let start = Instant::now();
-        while start.elapsed() < at && primary.exited().is_none() {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        primary.kill();
+        primary.kill_after(at);
         let b_code = backup.finish(Duration::from_secs(60));
         let released = primary.console();
         let produced = backup.console();

@@ -285,6 +285,12 @@ impl Proc {
         self.wait(Duration::from_secs(10));
     }
 
+    /// kill -9 once it has run for `at` (at once if it already exited).
+    pub fn kill_after(&mut self, at: Duration) {
+        self.wait(at.saturating_sub(self.started.elapsed()));
+        self.kill();
+    }
+
     /// Whether it has exited (reaping it if so).
     pub fn exited(&mut self) -> Option<i32> {
         if self.code.is_none() {
