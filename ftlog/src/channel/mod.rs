@@ -18,6 +18,7 @@
 
 mod backup;
 mod error;
+pub mod inspect;
 mod primary;
 mod wire;
 
