@@ -186,7 +186,7 @@ fn one_run(i: usize, guest: &Guest, fault: FaultKind, r: [f64; 3]) -> Outcome {
     {
         applied = !counters.faults.is_empty() && (!truncates || counters.truncated.is_some());
     }
-    let winners = dir.winners();
+    let winners = dir.pairing_winners(&[&primary, &backup]);
     let mut o = Outcome {
         failover: backup.went_live(),
         primary_alone: winners.iter().any(|(_, w)| w == "primary"),

@@ -74,7 +74,7 @@ fn finding_1_a_cut_just_before_the_guest_ends_leaves_one_primary() {
     let (mut backup, mut primary) = dir.start_via(&Side::new(cmd), &relay);
     let p_code = primary.finish(Duration::from_secs(60));
     let b_code = backup.finish(Duration::from_secs(60));
-    let winners = dir.winners();
+    let winners = dir.pairing_winners(&[&primary, &backup]);
     let counters = relay.counters();
     let why = report(&[&primary, &backup], Some(&counters), &winners);
     assert!(!counters.faults.is_empty(), "the cut never happened\n{why}");
@@ -172,7 +172,7 @@ fn finding_4_a_truncated_last_frame_is_the_end_of_the_log() {
     relay.wait_until(Duration::from_secs(30), |c| c.truncated.is_some());
     primary.kill();
     let b_code = backup.finish(Duration::from_secs(60));
-    let winners = dir.winners();
+    let winners = dir.pairing_winners(&[&primary, &backup]);
     let counters = relay.counters();
     let why = report(&[&primary, &backup], Some(&counters), &winners);
     assert!(
@@ -216,7 +216,7 @@ fn finding_6_a_backup_that_never_executes_is_declared_dead() {
     // 30 s is far more than any bounded detection needs.
     let p_code = primary.finish(Duration::from_secs(30));
     let b_code = backup.finish(Duration::from_secs(30));
-    let winners = dir.winners();
+    let winners = dir.pairing_winners(&[&primary, &backup]);
     let counters = relay.counters();
     let why = report(&[&primary, &backup], Some(&counters), &winners);
     assert!(
@@ -382,7 +382,7 @@ fn finding_8_a_lock_from_an_earlier_pairing_does_not_decide_a_later_one() {
     assert!(b1.won(), "{why}");
     dir.new_port();
     let (p2, b2, code) = pairing(&dir, "node-b", "node-a", true);
-    let winners = dir.winners();
+    let winners = dir.pairing_winners(&[&p1, &b1, &p2, &b2]);
     let why = report(&[&p1, &b1, &p2, &b2], None, &winners);
     assert_eq!(
         code, 0,
@@ -420,7 +420,7 @@ fn finding_8_the_default_node_id_is_role_at_hostname_pid() {
     std::thread::sleep(Duration::from_millis(600));
     backup.kill();
     let code = primary.finish(Duration::from_secs(60));
-    let winners = dir.winners();
+    let winners = dir.pairing_winners(&[&primary, &backup]);
     let why = report(&[&primary, &backup], None, &winners);
     assert_eq!(code, 0, "{why}");
     let want = format!("primary@{}-{}", hostname(), primary.pid);

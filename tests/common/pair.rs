@@ -140,9 +140,22 @@ impl PairDir {
         }
     }
 
-    /// The arbiter's decisions: (generation, winner) for every lock file.
+    /// The arbiter's decisions: (generation, winner) for every lock file,
+    /// the primaries' boot claims included.
     pub fn winners(&self) -> Vec<(u64, String)> {
         winners(&self.arbiter)
+    }
+
+    /// The failover decisions of the pairings `procs` took part in: the
+    /// decisions for the generations their stderr says they paired as. A
+    /// booting primary also claims the generation before its pairing
+    /// (docs/failover.md, "Generations"); that claim decides no failover.
+    pub fn pairing_winners(&self, procs: &[&Proc]) -> Vec<(u64, String)> {
+        let gens: Vec<u64> = procs.iter().filter_map(|p| p.generation()).collect();
+        self.winners()
+            .into_iter()
+            .filter(|(g, _)| gens.contains(g))
+            .collect()
     }
 }
 
@@ -331,6 +344,16 @@ impl Proc {
     }
 
     /// Its stderr so far.
+    /// The pairing generation this side says it paired as.
+    pub fn generation(&self) -> Option<u64> {
+        let err = self.stderr();
+        ["as generation ", "(generation "].iter().find_map(|m| {
+            let at = err.find(m)? + m.len();
+            let digits: String = err[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }

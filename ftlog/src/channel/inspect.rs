@@ -49,6 +49,8 @@ pub enum MsgKind {
     Close,
     /// Either way: a fatal error.
     Abort,
+    /// Primary → backup: outputs released up to a seq.
+    Released,
 }
 
 impl MsgKind {
@@ -65,6 +67,7 @@ impl MsgKind {
             Msg::Ack { .. } => MsgKind::Ack,
             Msg::Close => MsgKind::Close,
             Msg::Abort { .. } => MsgKind::Abort,
+            Msg::Released { .. } => MsgKind::Released,
         }
     }
 }
