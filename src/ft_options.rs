@@ -52,14 +52,24 @@ impl FtOptions {
         c
     }
 
-    /// UDP heartbeats to the peer, if configured. A heartbeat path that
-    /// cannot be set up is a warning: the channel's keepalives still detect
-    /// a dead peer.
-    pub fn heartbeat(&self, role: Role) -> Result<Option<Heartbeat>> {
+    /// How long the primary stays throttled by the lag bound before it
+    /// declares the backup dead: the lag bound plus the peer timeout. While
+    /// the primary is throttled it produces nothing new, so a backup that
+    /// was at most the lag bound behind catches up within about the lag
+    /// bound; one that has not after the peer timeout more is stuck (or far
+    /// too slow for a failover to finish in time) and as good as dead.
+    pub fn throttle_limit(&self) -> Duration {
+        self.lag_time_bound + self.peer_timeout
+    }
+
+    /// UDP heartbeats to the peer for the pairing `generation`, if
+    /// configured. A heartbeat path that cannot be set up is a warning: the
+    /// channel's keepalives still detect a dead peer.
+    pub fn heartbeat(&self, role: Role, generation: u64) -> Result<Option<Heartbeat>> {
         let Some((local, peer)) = &self.heartbeat else {
             return Ok(None);
         };
-        let mut cfg = HeartbeatConfig::new(role, 1);
+        let mut cfg = HeartbeatConfig::new(role, generation);
         cfg.timeout = self.heartbeat_timeout.max(cfg.interval * 2);
         Ok(Heartbeat::bind(resolve(local)?, resolve(peer)?, cfg)
             .map_err(|e| tracing::warn!("no UDP heartbeats ({e}); relying on the logging channel"))

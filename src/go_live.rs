@@ -8,22 +8,37 @@ use vmm::Machine;
 use crate::arbiter::{Arbiter, Outcome};
 use crate::ft_options::FtOptions;
 use crate::net::{LiveTap, NetOptions};
-use crate::output::{ConsoleFile, ConsoleTarget, Direct, HeldOutputs};
+use crate::output::{ConsoleTarget, Direct, ReplayOutputs};
 
-/// Win the arbiter or explain why not: the only way either side may go on
-/// without its peer.
-pub fn win_arbiter(ft: &FtOptions, why: &str) -> Result<()> {
+/// Proof that this side won the arbiter for its pairing's generation: the
+/// only thing that lets it run alone and release output its peer never
+/// acknowledged. Only [`win_arbiter`] makes one.
+#[derive(Debug)]
+pub struct Alone {
+    generation: u64,
+}
+
+impl Alone {
+    /// The generation this side won.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// Win the arbiter for `generation` or explain why not: the only way either
+/// side may go on without its peer.
+pub fn win_arbiter(ft: &FtOptions, generation: u64, why: &str) -> Result<Alone> {
     let arb = Arbiter::new(&ft.arbiter, &ft.node_id)?;
-    match arb.try_win(1)? {
+    match arb.try_win(generation)? {
         Outcome::Won => {
             eprintln!(
-                "ftvmm: {why}; {} won the arbiter and goes on alone",
+                "ftvmm: {why}; {} won the arbiter (generation {generation}) and goes on alone",
                 ft.node_id
             );
-            Ok(())
+            Ok(Alone { generation })
         }
         Outcome::Lost { winner } => {
-            bail!("{why}, but {winner} already won the arbiter: stopping this VM so there is never more than one primary")
+            bail!("{why}, but {winner} already won the arbiter (generation {generation}): stopping this VM so there is never more than one primary")
         }
     }
 }
@@ -31,21 +46,20 @@ pub fn win_arbiter(ft: &FtOptions, why: &str) -> Result<()> {
 /// Make a backup whose replay stopped at the end of its log the live VM.
 /// It has won the arbiter and replayed every entry it received (the last
 /// output entry included), so nothing it does from here contradicts what
-/// the primary released. Its network (if any) goes live with the guest's
-/// MAC announced; the outputs it held are put out again: console bytes
-/// rewritten at the same offsets (identical bytes), frames sent again (the
-/// primary may not have released them; a duplicate is harmless to TCP).
-/// Then its outputs go straight out, and its timers start from the replayed
-/// device state. The returned TAP must live as long as the VM runs.
+/// the primary released. Its console stream (written while replaying where
+/// nobody read it) becomes its console file; its network (if any) goes
+/// live with the guest's MAC announced, and the frames the primary may not
+/// have released are sent again (a duplicate is harmless to TCP). Then its
+/// outputs go straight out, and its timers start from the replayed device
+/// state. The returned TAP must live as long as the VM runs.
 pub fn take_over(
     m: &mut Machine,
-    ft: &FtOptions,
-    held: &HeldOutputs,
+    held: &ReplayOutputs,
     net: Option<&NetOptions>,
 ) -> Result<Option<LiveTap>> {
     let point = m.point()?;
     eprintln!("ftvmm: going live at {point}");
-    let console = ConsoleFile::open(&ft.console)?;
+    let (console, frames) = held.go_live()?;
     let live = match net {
         Some(n) => {
             let live = LiveTap::open(&n.tap, m)?;
@@ -59,9 +73,13 @@ pub fn take_over(
         ConsoleTarget::File(console),
         live.as_ref().map(|l| l.tap().clone()),
     );
-    let again = held.take();
-    eprintln!("ftvmm: {} outputs of the replay put out again", again.len());
-    for (o, tag) in again {
+    if net.is_some() {
+        eprintln!(
+            "ftvmm: {} frames the primary may not have released sent again",
+            frames.len()
+        );
+    }
+    for (o, tag) in frames {
         out.put(o, tag);
     }
     m.set_output_sink(Box::new(out));

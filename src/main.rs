@@ -204,7 +204,8 @@ struct FtArgs {
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
     /// Milliseconds the backup's replay may fall behind the primary before
-    /// the primary is slowed.
+    /// the primary is slowed; a backup that keeps it slowed for this plus
+    /// --peer-timeout-ms is declared dead (arbiter, then alone).
     #[arg(long, default_value_t = 1000)]
     lag_bound_ms: u64,
     /// A cap in log entries on the same lag (default 10000).
@@ -247,7 +248,7 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
         node_id: f
             .node_id
             .clone()
-            .unwrap_or_else(|| format!("{role}-{}", std::process::id())),
+            .unwrap_or_else(|| ftvmm::arbiter::default_node_id(role)),
         console: f
             .console_file
             .clone()

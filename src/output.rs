@@ -8,17 +8,19 @@
 //!
 //! Console output is a byte stream addressed by offset (bytes since boot,
 //! the same on both sides), written into the console file with positioned
-//! writes. A backup keeps what it produced while replaying, with tags
-//! ([`HeldOutputs`]); going live, it rewrites those console bytes at the
-//! same offsets (identical bytes: an outside reader sees neither a gap nor a
-//! contradiction) and sends those frames again (the primary may not have
-//! released them; a duplicate is harmless to TCP).
+//! writes. A replaying backup ([`ReplayOutputs`]) writes its console into a
+//! shadow of its console file that nobody reads, and holds its frames with
+//! their tags until the primary has released them. Going live, the shadow
+//! becomes its console file (the whole stream, identical to what the
+//! primary released where the primary released it: an outside reader sees
+//! neither a gap nor a contradiction) and it sends the frames it holds again
+//! (the primary may not have released them; a duplicate is harmless to TCP).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,11 +30,10 @@ use ftlog::{Acks, PrimarySender};
 use netdev::{OutputGate, Tap};
 pub use vmm::output::{Output, OutputSink, Stream, Tag};
 
-/// The most outputs the primary's gate holds unreleased, and so the most a
-/// backup must keep to re-send at go-live. Assumption until the channel
-/// carries the primary's "released through" watermark: the gate never
-/// holds more (see [`forget_released`]).
-pub const MAX_UNRELEASED: usize = 4096;
+/// The most frames a replaying backup holds: the most the primary's gate
+/// holds before it stalls its guest (so, with the release watermark
+/// arriving, never reached in practice).
+pub const MAX_HELD_FRAMES: usize = netdev::gate::DEFAULT_LIMIT;
 
 /// The console file, written at stream offsets.
 #[derive(Clone)]
@@ -72,7 +73,7 @@ impl GatedOutputs {
 
 /// The tag an output with no entry waits for: none the backup will ever
 /// acknowledge, so only an open gate (the arbiter won) lets it out.
-const NEVER_ACKED: u64 = u64::MAX;
+pub const NEVER_ACKED: u64 = u64::MAX;
 
 impl OutputSink for GatedOutputs {
     fn put(&mut self, output: Output, tag: Tag) {
@@ -80,47 +81,127 @@ impl OutputSink for GatedOutputs {
     }
 }
 
-/// A backup's outputs while it replays: kept with their tags (bounded), to
-/// be put out again when it goes live.
-#[derive(Clone, Default)]
-pub struct HeldOutputs(Arc<Mutex<VecDeque<(Output, Tag)>>>);
+/// The primary's release watermark as a backup sees it: every output whose
+/// entry is at or below it has reached the outside world.
+pub type Watermark = Box<dyn Fn() -> Option<u64> + Send>;
 
-/// Forget the held outputs the primary has certainly released. The only
-/// place that decides it: today by count (the primary never holds more
-/// than [`MAX_UNRELEASED`] unreleased, so older ones are out); with the
-/// channel's "released through seq N" watermark, every output tagged at or
-/// below N.
-fn forget_released(held: &mut VecDeque<(Output, Tag)>) {
-    while held.len() > MAX_UNRELEASED {
-        held.pop_front();
+struct Replaying {
+    /// The console stream, written at offsets where nobody reads it.
+    shadow: ConsoleFile,
+    shadow_path: PathBuf,
+    console_path: PathBuf,
+    /// Frames the primary may not have released, oldest first.
+    frames: VecDeque<(Output, Tag)>,
+    released: Watermark,
+    overflowed: bool,
+    /// The shadow became the console file.
+    live: bool,
+}
+
+impl Drop for Replaying {
+    fn drop(&mut self) {
+        // A backup that never went live put nothing out.
+        if !self.live {
+            let _ = std::fs::remove_file(&self.shadow_path);
+        }
     }
 }
 
-impl HeldOutputs {
-    /// Take what is held, oldest first.
-    pub fn take(&self) -> Vec<(Output, Tag)> {
-        self.0
-            .lock()
-            .map(|mut g| g.drain(..).collect())
-            .unwrap_or_default()
-    }
-
-    /// Outputs held now.
-    pub fn len(&self) -> usize {
-        self.0.lock().map(|g| g.len()).unwrap_or(0)
-    }
-
-    /// Whether nothing is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+impl Replaying {
+    /// Forget the held frames the primary has released: the one place that
+    /// decides it (the release watermark; past [`MAX_HELD_FRAMES`] the
+    /// oldest go too, with a warning, so memory stays bounded whatever the
+    /// primary reports).
+    fn forget_released(&mut self) {
+        let released = (self.released)();
+        while let Some((_, Some(tag))) = self.frames.front() {
+            if released.is_none_or(|r| *tag > r) {
+                break;
+            }
+            self.frames.pop_front();
+        }
+        while self.frames.len() > MAX_HELD_FRAMES {
+            self.frames.pop_front();
+            if !self.overflowed {
+                self.overflowed = true;
+                tracing::warn!(
+                    "more than {MAX_HELD_FRAMES} frames not yet known to be released: \
+                     the oldest will not be sent again at go-live"
+                );
+            }
+        }
     }
 }
 
-impl OutputSink for HeldOutputs {
+/// A backup's outputs while it replays: console bytes into a shadow of its
+/// console file, frames held with their tags (bounded by the primary's
+/// release watermark), to be put out when it goes live. Clone to keep a
+/// handle after the VM takes the sink.
+#[derive(Clone)]
+pub struct ReplayOutputs(Arc<Mutex<Replaying>>);
+
+impl ReplayOutputs {
+    /// Outputs of a backup whose console file is `console`; `released`
+    /// reads the primary's release watermark.
+    pub fn new(console: &Path, released: Watermark) -> Result<Self> {
+        let mut name = console.file_name().unwrap_or_default().to_os_string();
+        name.push(".replaying");
+        let shadow_path = console.with_file_name(name);
+        // A shadow left by an earlier backup is stale: start empty.
+        let _ = std::fs::remove_file(&shadow_path);
+        let shadow = ConsoleFile::open(&shadow_path)?;
+        Ok(ReplayOutputs(Arc::new(Mutex::new(Replaying {
+            shadow,
+            shadow_path,
+            console_path: console.to_path_buf(),
+            frames: VecDeque::new(),
+            released,
+            overflowed: false,
+            live: false,
+        }))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Replaying> {
+        match self.0.lock() {
+            Ok(g) => g,
+            // Every update is a single write, push or pop.
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Going live: the shadow becomes the console file (returned, to write
+    /// on at offsets), and the frames the primary may not have released are
+    /// handed back, oldest first, to be sent again.
+    pub fn go_live(&self) -> Result<(ConsoleFile, Vec<(Output, Tag)>)> {
+        let mut r = self.lock();
+        r.forget_released();
+        std::fs::rename(&r.shadow_path, &r.console_path).with_context(|| {
+            format!(
+                "cannot make {} the console file {}",
+                r.shadow_path.display(),
+                r.console_path.display()
+            )
+        })?;
+        r.live = true;
+        let file = r.shadow.clone();
+        Ok((file, r.frames.drain(..).collect()))
+    }
+
+    /// Frames held now.
+    pub fn frames_held(&self) -> usize {
+        self.lock().frames.len()
+    }
+}
+
+impl OutputSink for ReplayOutputs {
     fn put(&mut self, output: Output, tag: Tag) {
-        if let Ok(mut g) = self.0.lock() {
-            g.push_back((output, tag));
-            forget_released(&mut g);
+        let mut r = self.lock();
+        match output.stream {
+            Stream::Console => r.shadow.put(output.position, &output.bytes),
+            Stream::Net => {
+                r.frames.push_back((output, tag));
+                r.forget_released();
+            }
         }
     }
 }
@@ -201,15 +282,22 @@ pub fn ack_pump(
 }
 
 /// Put released outputs where they go, as soon as the gate lets them out
-/// (an ack, or a new output whose tag is already acknowledged), until `done`.
+/// (an ack, or a new output whose tag is already acknowledged), until `done`;
+/// after each batch, tell `released_through` the highest tag put out.
 pub fn releaser(
     gate: OutputGate<Output>,
     console: ConsoleFile,
     tap: Option<netdev::Tap>,
     done: Arc<AtomicBool>,
+    released_through: impl Fn(u64),
 ) -> ReleaseReport {
     let mut report = ReleaseReport::default();
     let mut put = |released: Vec<netdev::Released<Output>>| {
+        let through = released
+            .iter()
+            .filter_map(|r| r.tag)
+            .filter(|t| *t != NEVER_ACKED)
+            .max();
         for r in released {
             match r.item.stream {
                 Stream::Console => {
@@ -223,6 +311,9 @@ pub fn releaser(
                     report.frame_delays.push(r.held_for);
                 }
             }
+        }
+        if let Some(t) = through {
+            released_through(t);
         }
     };
     while !done.load(Ordering::Acquire) {
@@ -244,46 +335,60 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_backup_keeps_a_bounded_tail_of_its_outputs_with_tags() {
-        let mut held = HeldOutputs::default();
-        for i in 0..(MAX_UNRELEASED as u64 + 10) {
-            held.put(console(i), Some(i));
+    fn frame(position: u64) -> Output {
+        Output {
+            stream: Stream::Net,
+            position,
+            bytes: vec![0; 60],
         }
-        let kept = held.take();
-        assert_eq!(kept.len(), MAX_UNRELEASED);
-        assert_eq!(kept[0], (console(10), Some(10)), "the oldest went first");
-        assert!(held.is_empty());
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ftvmm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("console")
     }
 
     #[test]
-    fn going_live_rewrites_held_console_bytes_at_their_offsets() {
-        let path = std::env::temp_dir().join(format!("ftvmm-console-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        let file = ConsoleFile::open(&path).unwrap();
-        // What the primary released before it died.
-        file.put(0, b"abc");
-        let mut held = HeldOutputs::default();
-        for (i, b) in b"bc".iter().enumerate() {
-            let o = Output {
-                stream: Stream::Console,
-                position: 1 + i as u64,
-                bytes: vec![*b],
-            };
-            held.put(o, Some(i as u64));
+    fn a_replaying_backup_holds_only_frames_the_primary_may_not_have_released() {
+        let path = temp("held");
+        let watermark = Arc::new(Mutex::new(None));
+        let w = watermark.clone();
+        let mut r = ReplayOutputs::new(&path, Box::new(move || *w.lock().unwrap())).unwrap();
+        for i in 0..10 {
+            r.put(frame(i), Some(i));
         }
-        held.put(
-            Output {
-                stream: Stream::Net,
-                position: 0,
-                bytes: vec![0; 60],
-            },
-            Some(9),
-        );
+        *watermark.lock().unwrap() = Some(6);
+        r.put(frame(10), Some(10));
+        let held: Vec<u64> = r
+            .go_live()
+            .unwrap()
+            .1
+            .iter()
+            .map(|(o, _)| o.position)
+            .collect();
+        assert_eq!(held, [7, 8, 9, 10], "released through 6: those are out");
+        // Bounded even with no watermark at all.
+        let mut r = ReplayOutputs::new(&path, Box::new(|| None)).unwrap();
+        for i in 0..(MAX_HELD_FRAMES as u64 + 5) {
+            r.put(frame(i), Some(i));
+        }
+        assert_eq!(r.frames_held(), MAX_HELD_FRAMES);
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn going_live_makes_the_shadow_the_console_file_with_the_whole_stream() {
+        let path = temp("shadow");
+        let mut r = ReplayOutputs::new(&path, Box::new(|| None)).unwrap();
+        for i in 0..3 {
+            r.put(console(i), Some(i));
+        }
+        assert!(!path.exists(), "nothing is put out while replaying");
+        let (file, frames) = r.go_live().unwrap();
+        assert!(frames.is_empty());
         let mut live = Direct::new(ConsoleTarget::File(file), None);
-        for (o, tag) in held.take() {
-            live.put(o, tag);
-        }
         live.put(
             Output {
                 stream: Stream::Console,
@@ -292,8 +397,12 @@ mod tests {
             },
             None,
         );
-        assert_eq!(std::fs::read(&path).unwrap(), b"abcd");
-        let _ = std::fs::remove_file(&path);
+        assert_eq!(std::fs::read(&path).unwrap(), b"xxxd");
+        // A replay that ends without going live leaves nothing behind.
+        drop(ReplayOutputs::new(&path, Box::new(|| None)).unwrap());
+        let files = std::fs::read_dir(path.parent().unwrap()).unwrap().count();
+        assert_eq!(files, 1, "only the console file");
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 
     #[test]

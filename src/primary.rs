@@ -1,24 +1,38 @@
 //! The primary: runs the guest, records into the logging channel, and
 //! releases output only when the backup has the entries it depends on.
+//!
+//! How a pairing ends on the primary:
+//! - the guest ends and the backup acknowledges the end of the log: every
+//!   output is acknowledged and released, the channel closes cleanly;
+//! - anything else (the channel fails, the end is not acknowledged in time,
+//!   the backup is declared dead by its heartbeats or by the lag bound) is
+//!   a channel failure: the primary cuts the channel, asks the arbiter, and
+//!   either goes on alone (releasing what it held) or stops (dropping what
+//!   the backup never acknowledged);
+//! - the VMM itself fails: the primary cuts the channel so the backup takes
+//!   over, and stops without releasing anything unacknowledged.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use ftlog::{ChannelConfig, PrimarySender};
 use netdev::OutputGate;
 use vmm::points::PointMode;
 use vmm::record::Recorder;
 use vmm::{Live, Machine, MachineConfig, RunEnd};
 
+use crate::arbiter::Arbiter;
 use crate::ft_options::FtOptions;
+use crate::generation;
 use crate::go_live::win_arbiter;
-use crate::heartbeat::Role;
+use crate::heartbeat::{PeerWatch, Role};
 use crate::net::{self, LiveTap};
-use crate::output::{ack_pump, releaser, ConsoleFile, GatedOutputs, Output};
+use crate::output::{ConsoleFile, GatedOutputs, Output};
+use crate::release::OutputRelease;
 use crate::rr::{header_for, RecordOptions};
-use crate::throttle::Throttled;
+use crate::throttle::{ThrottleBounds, Throttled};
 
 /// What the primary measured, for the status line and the benchmarks.
 #[derive(Debug, Default, Clone)]
@@ -83,6 +97,137 @@ fn connect(peer: &str, cfg: &ChannelConfig, header: &ftlog::LogHeader) -> Result
     }
 }
 
+/// How the paired run ended.
+enum PairEnd {
+    /// The guest ended and the backup acknowledged the whole log.
+    Complete(RunEnd),
+    /// The channel failed (or the backup was declared dead), with the
+    /// guest's end if it had ended.
+    ChannelFailed(String, Option<RunEnd>),
+    /// The VMM failed.
+    VmFailed(vmm::Error),
+}
+
+/// Run the guest paired: record, and at the guest's end have the backup
+/// acknowledge the end of the log.
+fn run_paired(m: &mut Machine, rec: Throttled, tx: &PrimarySender, ft: &FtOptions) -> PairEnd {
+    let mut rec = rec;
+    let run = m.run(&mut rec);
+    let gave_up = rec.gave_up().map(str::to_owned);
+    let mut rec = rec.into_recorder();
+    let end = match run {
+        Ok(end) => end,
+        Err(e) => {
+            return match (tx.error(), gave_up) {
+                (_, Some(why)) => PairEnd::ChannelFailed(why, None),
+                (Some(_), None) => PairEnd::ChannelFailed(e.to_string(), None),
+                (None, None) => PairEnd::VmFailed(e),
+            };
+        }
+    };
+    if let Err(e) = rec.finish(m, end) {
+        return PairEnd::ChannelFailed(format!("cannot log the end of the guest ({e})"), Some(end));
+    }
+    // The end of the log is the last entry; every output is tagged at or
+    // below it. Until the backup acknowledges it, none of the outputs held
+    // for it may go out without the arbiter.
+    let last = tx.next_seq().saturating_sub(1);
+    let wait = ft.peer_timeout * 2;
+    match tx.wait_received(last, wait) {
+        Ok(true) => PairEnd::Complete(end),
+        Ok(false) => PairEnd::ChannelFailed(
+            format!("the backup did not acknowledge the end of the log within {wait:?}"),
+            Some(end),
+        ),
+        Err(e) => PairEnd::ChannelFailed(
+            format!("the logging channel failed before the end of the log was acknowledged ({e})"),
+            Some(end),
+        ),
+    }
+}
+
+/// Declare the backup dead when its heartbeats stop: through the channel,
+/// so the guest stops at once wherever the vCPU waits.
+fn watch_heartbeats(
+    ft: &FtOptions,
+    generation: u64,
+    tx: &Arc<PrimarySender>,
+) -> Result<Option<PeerWatch>> {
+    let Some(hb) = ft.heartbeat(Role::Primary, generation)? else {
+        return Ok(None);
+    };
+    let tx = tx.clone();
+    Ok(Some(hb.watch(move |silent| {
+        tx.abort(format!("the backup's heartbeats stopped {silent:?} ago"));
+    })))
+}
+
+/// Pair with the backup at `peer`: offer a new generation, connect, and
+/// claim the boot once the backup accepted (generation.rs).
+fn pair(
+    peer: &str,
+    ft: &FtOptions,
+    header: &ftlog::LogHeader,
+) -> Result<(Arc<PrimarySender>, u64)> {
+    let arbiter = Arbiter::new(&ft.arbiter, &ft.node_id)?;
+    let generation = generation::offer(&arbiter)?;
+    let mut channel = ft.channel_config();
+    channel.generation = generation;
+    let tx = Arc::new(connect(peer, &channel, header)?);
+    if let Err(e) = generation::claim_boot(&arbiter, generation) {
+        tx.abort(e.to_string());
+        return Err(e);
+    }
+    eprintln!(
+        "ftvmm: {} paired with the backup at {} as generation {generation}",
+        ft.node_id,
+        tx.peer_addr()
+    );
+    Ok((tx, generation))
+}
+
+/// After the paired run: close cleanly with everything acknowledged, or
+/// let the arbiter decide whether this side goes on alone.
+fn end_pairing(
+    m: &mut Machine,
+    paired: PairEnd,
+    tx: &PrimarySender,
+    release: &OutputRelease,
+    ft: &FtOptions,
+    generation: u64,
+) -> Result<RunEnd> {
+    match paired {
+        PairEnd::Complete(end) => {
+            release.acknowledged(tx.next_seq().saturating_sub(1));
+            match tx.close() {
+                Ok(_) => eprintln!("ftvmm: the backup has the whole log; logging channel closed"),
+                // Everything was acknowledged: nothing depends on the close.
+                Err(e) => eprintln!(
+                    "ftvmm: the backup has the whole log; the logging channel did not close cleanly ({e})"
+                ),
+            }
+            Ok(end)
+        }
+        PairEnd::ChannelFailed(why, end) => {
+            // The arbiter first: a backup declared dead (lagging, silent)
+            // is the worst side to take over. Then cut the channel, so a
+            // backup that is still there stops waiting.
+            let won = win_arbiter(ft, generation, &why);
+            tx.abort(why);
+            let alone = won?;
+            release.go_alone(&alone);
+            match end {
+                Some(end) => Ok(end),
+                None => Ok(m.run(&mut Live)?),
+            }
+        }
+        PairEnd::VmFailed(e) => {
+            tx.abort(format!("the primary's VM failed: {e}"));
+            Err(anyhow!(e).context("the VM failed; the backup takes over"))
+        }
+    }
+}
+
 /// Run as the primary: record into the channel to `peer`.
 pub fn run_primary(
     image: &[u8],
@@ -99,7 +244,7 @@ pub fn run_primary(
     let header = header_for(image, &cfg, &opts)?;
     // The guest gets exactly the CPUID table the header tells the backup.
     cfg.cpuid = Some(header.cpuid.clone());
-    let tx = Arc::new(connect(peer, &ft.channel_config(), &header)?);
+    let (tx, generation) = pair(peer, ft, &header)?;
     let console = ConsoleFile::open(&ft.console)?;
     // Every output (console bytes, frames) waits in the gate until the
     // backup has acknowledged its own log entry.
@@ -114,65 +259,42 @@ pub fn run_primary(
         }
         None => None,
     };
+    let release = OutputRelease::start(
+        gate.clone(),
+        tx.clone(),
+        console,
+        live_tap.as_ref().map(|l| l.tap().clone()),
+    );
     let done = Arc::new(AtomicBool::new(false));
-    let rel = {
-        let (g, c, d) = (gate.clone(), console.clone(), done.clone());
-        let tap = live_tap.as_ref().map(|l| l.tap().clone());
-        std::thread::spawn(move || releaser(g, c, tap, d))
-    };
-    let pump = {
-        let (g, t, d) = (gate.clone(), tx.clone(), done.clone());
-        std::thread::spawn(move || ack_pump(g, t, d))
-    };
     let status = spawn_status(tx.clone(), gate.clone(), done.clone());
-    let mut rec = Throttled::new(
+    let watch = watch_heartbeats(ft, generation, &tx)?;
+    let bounds = ThrottleBounds {
+        lag: ft.lag_time_bound,
+        give_up: ft.throttle_limit(),
+    };
+    let rec = Throttled::new(
         Recorder::new(tx.clone(), opts.digest_every),
         tx.clone(),
-        ft.heartbeat(Role::Primary)?,
-        ft.lag_time_bound,
+        gate.clone(),
+        bounds,
     );
-    let result = m.run(&mut rec);
-    let mut rec = rec.into_recorder();
-    let end = match result {
-        Ok(end) => {
-            rec.finish(&mut m, end)?;
-            drop(rec);
-            // The last outputs wait for their acks; then close cleanly.
-            let last = tx.next_seq().saturating_sub(1);
-            let _ = tx.wait_received(last, ft.peer_timeout);
-            end
-        }
-        Err(e) => {
-            drop(rec);
-            let why = format!("the logging channel failed ({e})");
-            if let Err(lost) = win_arbiter(ft, &why) {
-                gate.discard();
-                done.store(true, Ordering::Release);
-                let _ = rel.join();
-                let _ = pump.join();
-                return Err(lost);
-            }
-            gate.open();
-            m.run(&mut Live)?
-        }
-    };
-    gate.open();
+    let paired = run_paired(&mut m, rec, &tx, ft);
+    drop(watch);
+    let end = end_pairing(&mut m, paired, &tx, &release, ft, generation);
     done.store(true, Ordering::Release);
-    let released = rel.join().unwrap_or_default();
-    let mut report = PrimaryReport {
-        output_delays: released.output_delays,
-        frame_delays: released.frame_delays,
-        ack_latencies: pump.join().unwrap_or_default(),
-        ..PrimaryReport::default()
-    };
-    let _ = status.join();
-    drop(live_tap);
-    let stats = tx.stats();
-    report.end = Some(end);
-    report.log_bytes = stats.bytes_written;
-    report.log_entries = stats.entries_written;
-    if let Ok(tx) = Arc::try_unwrap(tx) {
-        let _ = tx.close();
+    let released = release.finish();
+    if status.join().is_err() {
+        tracing::warn!("the status thread panicked");
     }
-    Ok(report)
+    drop(live_tap);
+    let end = end?;
+    let stats = tx.stats();
+    Ok(PrimaryReport {
+        end: Some(end),
+        output_delays: released.report.output_delays,
+        frame_delays: released.report.frame_delays,
+        ack_latencies: released.ack_latencies,
+        log_bytes: stats.bytes_written,
+        log_entries: stats.entries_written,
+    })
 }

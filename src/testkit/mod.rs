@@ -1,5 +1,8 @@
-//! Tiny hand-assembled guests for benches and tests that need a guest doing
-//! exactly one thing (the bundled guest does many).
+//! Test tools for benches and tests: tiny hand-assembled guests that do
+//! exactly one thing (the bundled guest does many), and the
+//! failure-injection [`relay`] between a primary and a backup.
+
+pub mod relay;
 
 use vmm::loader::{minimal_elf, MINIMAL_ELF_LOAD as LOAD};
 
