@@ -109,7 +109,7 @@ pub fn to_log(c: &CpuId) -> Vec<CpuidEntry> {
 /// The log's table as KVM takes it, refused when this host's KVM
 /// (`supported`) lacks a feature in it or has another vendor.
 pub fn from_log(log: &[CpuidEntry], supported: &CpuId) -> Result<CpuId> {
-    check(log, supported.as_slice())?;
+    check(log, &to_log(supported))?;
     let entries: Vec<kvm_cpuid_entry2> = log
         .iter()
         .map(|e| kvm_cpuid_entry2 {
@@ -144,16 +144,7 @@ impl Reg {
         }
     }
 
-    fn of_log(self, e: &CpuidEntry) -> u32 {
-        match self {
-            Reg::Eax => e.eax,
-            Reg::Ebx => e.ebx,
-            Reg::Ecx => e.ecx,
-            Reg::Edx => e.edx,
-        }
-    }
-
-    fn of_kvm(self, e: &kvm_cpuid_entry2) -> u32 {
+    fn of(self, e: &CpuidEntry) -> u32 {
         match self {
             Reg::Eax => e.eax,
             Reg::Ebx => e.ebx,
@@ -283,13 +274,7 @@ const FEATURE_REGS: &[(u32, u32, Reg, BitNames)] = &[
 
 /// The entry for (leaf, subleaf) in `entries`: the subleaf counts only
 /// where KVM says it is significant.
-fn find_kvm(entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32) -> Option<&kvm_cpuid_entry2> {
-    entries.iter().find(|e| {
-        e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
-    })
-}
-
-fn find_log(entries: &[CpuidEntry], leaf: u32, subleaf: u32) -> Option<&CpuidEntry> {
+fn find(entries: &[CpuidEntry], leaf: u32, subleaf: u32) -> Option<&CpuidEntry> {
     entries.iter().find(|e| {
         e.function == leaf && (e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0 || e.index == subleaf)
     })
@@ -305,8 +290,8 @@ fn vendor(ebx: u32, ecx: u32, edx: u32) -> String {
 
 /// Refuse a log table this host cannot give: another vendor, or a feature
 /// bit the host's KVM does not support.
-fn check(log: &[CpuidEntry], host: &[kvm_cpuid_entry2]) -> Result<()> {
-    if let (Some(l), Some(h)) = (find_log(log, 0, 0), find_kvm(host, 0, 0)) {
+fn check(log: &[CpuidEntry], host: &[CpuidEntry]) -> Result<()> {
+    if let (Some(l), Some(h)) = (find(log, 0, 0), find(host, 0, 0)) {
         let (lv, hv) = (vendor(l.ebx, l.ecx, l.edx), vendor(h.ebx, h.ecx, h.edx));
         if lv != hv {
             return Err(Error::CpuidUnsupported {
@@ -318,11 +303,11 @@ fn check(log: &[CpuidEntry], host: &[kvm_cpuid_entry2]) -> Result<()> {
         }
     }
     for &(leaf, subleaf, reg, names) in FEATURE_REGS {
-        let Some(l) = find_log(log, leaf, subleaf) else {
+        let Some(l) = find(log, leaf, subleaf) else {
             continue;
         };
-        let have = find_kvm(host, leaf, subleaf).map_or(0, |h| reg.of_kvm(h));
-        let missing = reg.of_log(l) & !have;
+        let have = find(host, leaf, subleaf).map_or(0, |h| reg.of(h));
+        let missing = reg.of(l) & !have;
         if missing == 0 {
             continue;
         }
@@ -389,17 +374,20 @@ mod tests {
         host.flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
         host.ebx = !(1 << 5); // no AVX2 here
         let log = [log_entry(7, 0, (1 << 5) | (1 << 3))];
-        let e = check(&log, &[host]).unwrap_err();
+        let host_table = |h: kvm_cpuid_entry2| to_log(&CpuId::from_entries(&[h]).unwrap());
+        let e = check(&log, &host_table(host)).unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("leaf 0x7.0 EBX bit 5 (AVX2) is set in the log"),
             "{msg}"
         );
         host.ebx = !0;
-        assert!(check(&log, &[host]).is_ok());
+        assert!(check(&log, &host_table(host)).is_ok());
         // A leaf the host does not have at all supports nothing.
         let log = [log_entry(7, 0, 1 << 3), log_entry(1, 0, 0)];
-        let msg = check(&log, &[entry(1, 0)]).unwrap_err().to_string();
+        let msg = check(&log, &host_table(entry(1, 0)))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("bit 3 (BMI1)"), "{msg}");
     }
 
@@ -412,10 +400,11 @@ mod tests {
         };
         let mut h = entry(0, 0);
         intel(&mut h);
-        let mut l = to_log(&CpuId::from_entries(&[h]).unwrap());
-        assert!(check(&l, &[h]).is_ok());
+        let host = to_log(&CpuId::from_entries(&[h]).unwrap());
+        let mut l = host.clone();
+        assert!(check(&l, &host).is_ok());
         l[0].ebx = u32::from_le_bytes(*b"Auth");
-        let msg = check(&l, &[h]).unwrap_err().to_string();
+        let msg = check(&l, &host).unwrap_err().to_string();
         assert!(msg.contains("GenuineIntel"), "{msg}");
     }
 
