@@ -182,12 +182,13 @@ pub fn record_file(
     progress.finish();
     let done = done?;
     eprintln!(
-        "ftvmm: recorded {:?} with the {} backend: {} entries ({} inputs, {} reads, {} injections, {} digests), {} exits, {} bytes -> {}",
+        "ftvmm: recorded {:?} with the {} backend: {} entries ({} inputs, {} reads, {} outputs, {} injections, {} digests), {} exits, {} bytes -> {}",
         done.end,
         opts.backend,
         done.stats.entries,
         done.stats.inputs,
         done.stats.reads,
+        done.stats.outputs,
         done.stats.injections,
         done.stats.digests,
         done.exits,
