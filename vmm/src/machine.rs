@@ -129,6 +129,7 @@ pub struct Machine {
     pub(crate) pmu: Option<PmuDrive>,
     pub(crate) pmu_step_once: bool,
     stepping: bool,
+    pub(crate) emu: crate::emulate::EmuState,
 }
 
 fn open_kvm() -> Result<Kvm> {
@@ -179,6 +180,7 @@ impl Machine {
         vm.set_tss_address(0xfffb_d000)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
         install_msr_filter(&vm)?;
+        let emu = crate::emulate::EmuState::new(&vm);
         let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -207,6 +209,7 @@ impl Machine {
             pmu: None,
             pmu_step_once: false,
             stepping: false,
+            emu,
         };
         if cfg.points == PointMode::Pmu {
             m.pmu = Some(open_pmu(cfg.pmu_counter)?);
@@ -465,6 +468,7 @@ impl Machine {
         Ok(ev.interrupt.shadow == 0
             && ev.interrupt.injected == 0
             && ev.exception.injected == 0
+            && ev.exception.pending == 0
             && ev.nmi.injected == 0)
     }
 
