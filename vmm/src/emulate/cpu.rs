@@ -107,7 +107,12 @@ pub struct Cpu<'a> {
 
 impl<'a> Cpu<'a> {
     /// State for one instruction.
-    pub fn new(regs: kvm_regs, sregs: kvm_sregs, mem: &'a GuestRam, features: &'a Features) -> Self {
+    pub fn new(
+        regs: kvm_regs,
+        sregs: kvm_sregs,
+        mem: &'a GuestRam,
+        features: &'a Features,
+    ) -> Self {
         Cpu {
             regs,
             sregs,
@@ -327,10 +332,7 @@ mod tests {
         // 67: 32-bit address arithmetic wraps.
         c.regs.rbp = 0x1_0000_0004;
         let d = decode(&[0x67, 0x0f, 0xae, 0x65, 0xf8]).unwrap();
-        assert_eq!(
-            c.linear(&d.mem.unwrap(), d.len, 8).unwrap(),
-            0xffff_fffc
-        );
+        assert_eq!(c.linear(&d.mem.unwrap(), d.len, 8).unwrap(), 0xffff_fffc);
     }
 
     #[test]

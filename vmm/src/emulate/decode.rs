@@ -171,7 +171,8 @@ fn sign_extend(v: u64, bytes: usize) -> i64 {
 /// Decode one instruction in 64-bit mode from `bytes` (which may hold more).
 pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     let mut c = Cursor { bytes, pos: 0 };
-    let (mut opsize, mut rep, mut repne, mut lock, mut addr32) = (false, false, false, false, false);
+    let (mut opsize, mut rep, mut repne, mut lock, mut addr32) =
+        (false, false, false, false, false);
     let mut seg = None;
     // A REX byte counts only right before the opcode: one followed by a
     // legacy prefix is ignored.

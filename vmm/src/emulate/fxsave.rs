@@ -97,7 +97,10 @@ mod tests {
         t.mem.read_slice(&mut m, GuestAddress(AT)).unwrap();
         assert_eq!(&m[..416], &state().area[..416]);
         assert_eq!(&m[416..], &[0xee; 96][..]);
-        assert_eq!(fxsave(&mut c, AT + 8, true), Err(Stop::Fault(Exception::gp0())));
+        assert_eq!(
+            fxsave(&mut c, AT + 8, true),
+            Err(Stop::Fault(Exception::gp0()))
+        );
     }
 
     #[test]
@@ -107,16 +110,25 @@ mod tests {
         let mut c = cpu(&t, &f);
         let img: Vec<u8> = (0..512).map(|k| (k % 200) as u8).collect();
         t.mem.write_slice(&img, GuestAddress(AT)).unwrap();
-        t.mem.write_obj(0x1f80u32 | 0x8000, GuestAddress(AT + 24)).unwrap();
+        t.mem
+            .write_obj(0x1f80u32 | 0x8000, GuestAddress(AT + 24))
+            .unwrap();
         fxrstor(&mut c, AT, true).unwrap();
         let got = c.fpu.as_ref().unwrap();
         assert_eq!(&got.area[32..160], &img[32..160]);
         assert_eq!(&got.area[160..416], &img[160..416]);
         assert_eq!(got.mxcsr(), 0x9f80);
-        assert_eq!(&got.area[28..32], &0xffffu32.to_le_bytes(), "MXCSR_MASK is not loaded");
+        assert_eq!(
+            &got.area[28..32],
+            &0xffffu32.to_le_bytes(),
+            "MXCSR_MASK is not loaded"
+        );
         assert_eq!(got.xinuse() & 3, 3);
         t.mem.write_obj(0x1_0000u32, GuestAddress(AT + 24)).unwrap();
-        assert_eq!(fxrstor(&mut c, AT, true), Err(Stop::Fault(Exception::gp0())));
+        assert_eq!(
+            fxrstor(&mut c, AT, true),
+            Err(Stop::Fault(Exception::gp0()))
+        );
     }
 
     #[test]

@@ -355,7 +355,10 @@ mod tests {
         let f = Features::for_tests();
         let mut c = cpu(&t, &f);
         assert_eq!(exec(&mut c, &[0x0f, 0x01, 0xcb]), Ok(Completion::Retired));
-        assert_eq!((c.regs.rip, c.regs.rflags & rflags::AC), (0x1003, rflags::AC));
+        assert_eq!(
+            (c.regs.rip, c.regs.rflags & rflags::AC),
+            (0x1003, rflags::AC)
+        );
         exec(&mut c, &[0x0f, 0x01, 0xca]).unwrap();
         assert_eq!((c.regs.rip, c.regs.rflags & rflags::AC), (0x1006, 0));
         // At CPL3 or without SMAP in CPUID: #UD, RIP unchanged.
@@ -391,7 +394,10 @@ mod tests {
         assert_eq!(c.regs.rax, 8, "32-bit result zero-extends");
         c.regs.rax = u64::MAX;
         exec(&mut c, &[0x66, 0xf3, 0x0f, 0xb8, 0xc1]).unwrap(); // popcnt ax, cx
-        assert_eq!(c.regs.rax, 0xffff_ffff_ffff_0008, "16-bit result keeps the rest");
+        assert_eq!(
+            c.regs.rax, 0xffff_ffff_ffff_0008,
+            "16-bit result keeps the rest"
+        );
         c.regs.rcx = 0xffff_ffff_0000_0000;
         exec(&mut c, &[0xf3, 0x0f, 0xb8, 0xc1]).unwrap();
         assert_eq!(c.regs.rax, 0);
@@ -469,7 +475,10 @@ mod tests {
         c.sregs.cr0 &= !cr0::TS;
         c.sregs.cr0 |= cr0::NE;
         c.fpu.as_mut().unwrap().area[2] = 0x80; // FSW.ES
-        assert_eq!(exec(&mut c, &[0x9b]), Err(Stop::Fault(Exception::MathFault)));
+        assert_eq!(
+            exec(&mut c, &[0x9b]),
+            Err(Stop::Fault(Exception::MathFault))
+        );
         // XSAVEC absent from CPUID: #UD.
         let mut noc = Features::for_tests();
         noc.xstate.xsavec = false;

@@ -100,14 +100,15 @@ impl EmuState {
     /// Set up for a new VM: enable exception payloads where KVM has them
     /// (KVM then writes CR2 as it delivers a #PF) and size the XSAVE area.
     pub(crate) fn new(vm: &VmFd) -> Self {
-        let payload = vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_EXCEPTION_PAYLOAD)) > 0 && {
-            let cap = kvm_bindings::kvm_enable_cap {
-                cap: kvm_bindings::KVM_CAP_EXCEPTION_PAYLOAD,
-                args: [1, 0, 0, 0],
-                ..Default::default()
+        let payload =
+            vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_EXCEPTION_PAYLOAD)) > 0 && {
+                let cap = kvm_bindings::kvm_enable_cap {
+                    cap: kvm_bindings::KVM_CAP_EXCEPTION_PAYLOAD,
+                    args: [1, 0, 0, 0],
+                    ..Default::default()
+                };
+                vm.enable_cap(&cap).is_ok()
             };
-            vm.enable_cap(&cap).is_ok()
-        };
         let xsave_size = usize::try_from(vm.check_extension_int(Cap::Xsave2))
             .unwrap_or(0)
             .max(std::mem::size_of::<kvm_xsave>());
@@ -139,7 +140,8 @@ fn failure_bytes(vcpu: &mut VcpuFd) -> Result<Vec<u8>> {
         )));
     }
     // ndata counts the u64 words after it: flags, then 16 bytes of size and bytes.
-    if ef.ndata < 3 || ef.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) == 0
+    if ef.ndata < 3
+        || ef.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) == 0
     {
         return Ok(Vec::new());
     }
@@ -196,7 +198,10 @@ fn write_fpu(vcpu: &VcpuFd, f: &FpuState, size: usize) -> Result<()> {
     let base = x.as_fam_struct_ref().xsave.region.len();
     // SAFETY: we only write POD words into the wrapper's own storage.
     unsafe {
-        x.as_mut_fam_struct().xsave.region.copy_from_slice(&words[..base]);
+        x.as_mut_fam_struct()
+            .xsave
+            .region
+            .copy_from_slice(&words[..base]);
     }
     let rest = x.as_mut_slice();
     let n = rest.len().min(words.len().saturating_sub(base));
@@ -255,12 +260,14 @@ impl Machine {
                 bytes: InsnBytes(bytes),
             });
         };
-        if m == Mnemonic::Clac && crate::quirks::complete_broken_syscall(&mut cpu)? {
+        if m == Mnemonic::Clac && crate::quirks::complete_broken_syscall(&self.vcpu, &mut cpu)? {
             return self.finish_syscall_fixup(&cpu);
         }
         if m.needs_fpu() {
             cpu.fpu = Some(read_fpu(&self.vcpu, self.emu.xsave_size)?);
-            let need = features.xstate.standard_size(cpu.fpu.as_ref().map_or(0, |f| f.xcr0));
+            let need = features
+                .xstate
+                .standard_size(cpu.fpu.as_ref().map_or(0, |f| f.xcr0));
             if cpu.fpu.as_ref().is_some_and(|f| f.area.len() < need) {
                 return Err(cannot(&bytes, Unsupported::ShortXsave));
             }
@@ -278,7 +285,11 @@ impl Machine {
                     .map_err(Error::kvm("KVM_SET_REGS"))?;
                 fault::end_interrupt_shadow(&self.vcpu)?;
                 self.forget_point();
-                tracing::trace!(insn = m.name(), rip = format_args!("{:#x}", regs.rip), "emulated");
+                tracing::trace!(
+                    insn = m.name(),
+                    rip = format_args!("{:#x}", regs.rip),
+                    "emulated"
+                );
                 match done {
                     Completion::Retired => Ok(Emulated::Retired),
                     Completion::Trap(e) => self.deliver(e, Some(Emulated::Retired)),

@@ -361,7 +361,9 @@ pub(crate) mod tests {
         // Reserved bits 20:13 of a 2 MiB PDE.
         t.set(PD + 16, 0x40_0000 | (1 << 13) | P | PS);
         let e = translate(&t.mem, &t.regs, 0x40_0000, sup(false)).unwrap_err();
-        assert!(matches!(e, WalkError::Fault(Exception::PageFault { code, .. }) if code & PF_RSVD != 0));
+        assert!(
+            matches!(e, WalkError::Fault(Exception::PageFault { code, .. }) if code & PF_RSVD != 0)
+        );
     }
 
     #[test]

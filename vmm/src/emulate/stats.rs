@@ -66,7 +66,7 @@ impl EmulationStats {
 /// `clac 15041, stac 2728, ... (faults 3)`, or `none`.
 impl fmt::Display for EmulationStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.total() == 0 {
+        if self.total() == 0 && self.syscall_fixups == 0 {
             return f.write_str("none");
         }
         let mut first = true;
@@ -81,7 +81,10 @@ impl fmt::Display for EmulationStats {
             write!(f, " (faults {})", self.faults)?;
         }
         if self.syscall_fixups > 0 {
-            write!(f, " (syscall fix-ups {})", self.syscall_fixups)?;
+            if !first {
+                f.write_str(", ")?;
+            }
+            write!(f, "syscall fix-ups {}", self.syscall_fixups)?;
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 use super::cpu::{Cpu, Step};
 use super::fault::Exception;
 use super::xstate::{
-    FpuState, COMPACTED, HEADER, MXCSR_INIT, MXCSR_RANGE, SSE, AVX, X87, X87_RANGES, XMM_RANGE,
+    FpuState, AVX, COMPACTED, HEADER, MXCSR_INIT, MXCSR_RANGE, SSE, X87, X87_RANGES, XMM_RANGE,
 };
 
 /// Which save instruction.
@@ -276,7 +276,9 @@ pub(crate) mod tests {
         let t = Tables::new();
         let f = Features::for_tests();
         let mut c = setup(&t, &f);
-        t.mem.write_slice(&[0xee; 3000], GuestAddress(AREA)).unwrap();
+        t.mem
+            .write_slice(&[0xee; 3000], GuestAddress(AREA))
+            .unwrap();
         // Old XSTATE_BV bit 9 survives (outside RFBM).
         t.mem
             .write_obj(1u64 << 9, GuestAddress(AREA + 512))
@@ -287,11 +289,19 @@ pub(crate) mod tests {
         same!(m[0..416], s.area[0..416]);
         assert_eq!(&m[416..512], &[0xee; 96][..], "bytes 416..511 untouched");
         same!(m[576..832], s.area[576..832]);
-        assert_eq!(&m[832..1088], &[0xee; 256][..], "no components 3 and 4 here");
+        assert_eq!(
+            &m[832..1088],
+            &[0xee; 256][..],
+            "no components 3 and 4 here"
+        );
         same!(m[1088..2688], s.area[1088..2688]);
         let bv = u64::from_le_bytes(m[512..520].try_into().unwrap());
         assert_eq!(bv, 0xe7 | (1 << 9));
-        assert_eq!(&m[520..576], &[0xee; 56][..], "XCOMP_BV and the rest untouched");
+        assert_eq!(
+            &m[520..576],
+            &[0xee; 56][..],
+            "XCOMP_BV and the rest untouched"
+        );
     }
 
     #[test]
@@ -299,7 +309,9 @@ pub(crate) mod tests {
         let t = Tables::new();
         let f = Features::for_tests();
         let mut c = setup(&t, &f);
-        t.mem.write_slice(&[0xee; 3000], GuestAddress(AREA)).unwrap();
+        t.mem
+            .write_slice(&[0xee; 3000], GuestAddress(AREA))
+            .unwrap();
         c.regs.rax = AVX; // only AVX: MXCSR goes with it, XMM does not
         c.regs.rdx = 0;
         save(&mut c, AREA, SaveForm::Standard, true).unwrap();
@@ -320,7 +332,9 @@ pub(crate) mod tests {
         let mut st = busy_state();
         st.set_xinuse(0xe7 & !(1 << 5));
         c.fpu = Some(st.clone());
-        t.mem.write_slice(&[0xee; 3000], GuestAddress(AREA)).unwrap();
+        t.mem
+            .write_slice(&[0xee; 3000], GuestAddress(AREA))
+            .unwrap();
         save(&mut c, AREA, SaveForm::Compacted, true).unwrap();
         let m = mem(&t, AREA, 3000);
         let bv = u64::from_le_bytes(m[512..520].try_into().unwrap());
@@ -391,7 +405,11 @@ pub(crate) mod tests {
             let want = busy_state();
             same!(got.area[..416], want.area[..416], format!("{form:?}"));
             same!(got.area[576..832], want.area[576..832], format!("{form:?}"));
-            same!(got.area[1088..2688], want.area[1088..2688], format!("{form:?}"));
+            same!(
+                got.area[1088..2688],
+                want.area[1088..2688],
+                format!("{form:?}")
+            );
             assert_eq!(got.xinuse(), 0xe7);
         }
     }
@@ -422,7 +440,12 @@ pub(crate) mod tests {
         let cases: [(u64, u64, u32, &str); 5] = [
             (1 << 9, 0, 0x1f80, "XSTATE_BV bit outside XCR0"),
             (X87, 1, 0x1f80, "standard form with XCOMP_BV set"),
-            (X87 | SSE, X87 | COMPACTED, 0x1f80, "XSTATE_BV outside XCOMP_BV"),
+            (
+                X87 | SSE,
+                X87 | COMPACTED,
+                0x1f80,
+                "XSTATE_BV outside XCOMP_BV",
+            ),
             (X87, (1 << 9) | COMPACTED, 0x1f80, "XCOMP_BV outside XCR0"),
             (SSE, 0, 0x1_0000, "reserved MXCSR bit"),
         ];
@@ -448,7 +471,9 @@ pub(crate) mod tests {
         let f = Features::for_tests();
         let mut c = setup(&t, &f);
         t.mem.write_slice(&[0; 600], GuestAddress(AREA)).unwrap();
-        t.mem.write_obj(COMPACTED | 3, GuestAddress(AREA + 520)).unwrap();
+        t.mem
+            .write_obj(COMPACTED | 3, GuestAddress(AREA + 520))
+            .unwrap();
         t.mem.write_obj(1u8, GuestAddress(AREA + 540)).unwrap();
         assert!(restore(&mut c, AREA, true).is_err());
     }
@@ -468,7 +493,11 @@ pub(crate) mod tests {
         restore(&mut c, AREA, true).unwrap();
         let got = c.fpu.as_ref().unwrap();
         assert_eq!(got.mxcsr(), 0x1fc0);
-        assert_eq!(got.xinuse() & (SSE | AVX), SSE, "AVX init, SSE kept for MXCSR");
+        assert_eq!(
+            got.xinuse() & (SSE | AVX),
+            SSE,
+            "AVX init, SSE kept for MXCSR"
+        );
     }
 
     #[test]
