@@ -185,3 +185,198 @@ fn emulated_xsave_and_xrstor_match_the_native_instructions_byte_for_byte() {
         assert_eq!(s.get(Mnemonic::Xrstor64), 3);
     }
 }
+
+const HOLE: u64 = 0x60_0000;
+
+#[test]
+fn exceptions_from_emulated_instructions_reach_the_guest_handlers() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (end, m) = boot(guests::FAULTS);
+    assert_eq!(end.unwrap(), RunEnd::PowerOff(0));
+    // (vector, error code, CR2 or None when it does not apply)
+    let case = |n: u64| {
+        let w = |i: u64| at(&m, R_TEST + 32 * n + 8 * i);
+        (w(0), w(1), w(2), w(3))
+    };
+    let (v, e, cr2, at_insn) = case(0);
+    assert_eq!(
+        (v, e, at_insn),
+        (14, 0x2, 1),
+        "XSAVEC64 into a missing page"
+    );
+    assert!(
+        (HOLE + 0x40..HOLE + 0x40 + 576).contains(&cr2),
+        "CR2 {cr2:#x}"
+    );
+    assert_eq!(
+        case(1),
+        (14, 0x0, HOLE + 0x1238, 1),
+        "POPCNT from a missing page"
+    );
+    let (v, e, cr2, at_insn) = case(2);
+    assert_eq!(
+        (v, e, at_insn),
+        (14, 0x2, 1),
+        "XSAVEC64 crossing into a missing page"
+    );
+    assert!((HOLE..HOLE + 0x100 + 576).contains(&cr2), "CR2 {cr2:#x}");
+    assert_eq!(
+        (case(3).0, case(3).1, case(3).3),
+        (13, 0, 1),
+        "misaligned XRSTOR64: #GP(0)"
+    );
+    assert_eq!(
+        (case(4).0, case(4).1, case(4).3),
+        (13, 0, 1),
+        "reserved XSTATE_BV bit: #GP(0)"
+    );
+    let (v, e, cr2, at_insn) = case(5);
+    assert_eq!((v, e, at_insn), (14, 0x3, 1), "SMAP: present, write");
+    assert!((UDATA..UDATA + 576).contains(&cr2), "CR2 {cr2:#x}");
+    assert_eq!(
+        case(6).0 >> 63,
+        1,
+        "with STAC the same XSAVEC64 wrote XCOMP_BV"
+    );
+    assert_eq!((case(7).0, case(7).3), (7, 1), "CR0.TS: #NM");
+    assert_eq!((case(8).0, case(8).3), (6, 1), "CR4.OSXSAVE clear: #UD");
+    eprintln!("emulated: {}", m.emulation_stats());
+    if kvm_pvm() {
+        assert!(m.emulation_stats().faults() >= 8);
+    }
+}
+
+#[test]
+fn an_instruction_nobody_emulates_is_a_typed_error_with_its_bytes_and_rip() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (end, mut m) = boot(guests::UNKNOWN);
+    let rip_now = m.regs().unwrap().rip;
+    match end {
+        Err(vmm::Error::UnknownInstruction { rip, bytes }) => {
+            assert_eq!(bytes.0, vec![0x66, 0x0f, 0xef, 0xc1], "pxor xmm0, xmm1");
+            assert_eq!(rip, rip_now, "RIP still at the instruction");
+            let msg = vmm::Error::UnknownInstruction { rip, bytes }.to_string();
+            assert!(msg.contains("66 0f ef c1"), "{msg}");
+            assert!(msg.contains(&format!("{rip:#x}")), "{msg}");
+        }
+        // A host whose KVM runs PXOR at CPL0 gets here.
+        Ok(RunEnd::PowerOff(0)) if !kvm_pvm() => {}
+        other => panic!("expected UnknownInstruction, got {other:?}"),
+    }
+}
+
+mod replay {
+    use super::*;
+    use std::time::Duration;
+    use vmm::points::PointMode;
+    use vmm::record::{MemorySink, Recorder};
+    use vmm::replay::{MemorySource, Replayer};
+
+    const ROUNDS: u64 = 1000;
+
+    struct Run {
+        digest: [u8; 32],
+        regs: kvm_bindings::kvm_regs,
+        exits: u64,
+        emulated: u64,
+    }
+
+    fn cfg(mode: PointMode, live: bool) -> MachineConfig {
+        let mut c = MachineConfig::new(16, "", Box::new(std::io::sink()));
+        c.points = mode;
+        c.live_timers = live;
+        c
+    }
+
+    fn done(m: &mut Machine) -> Run {
+        Run {
+            digest: m.digest().unwrap(),
+            regs: m.regs().unwrap(),
+            exits: m.exit_count(),
+            emulated: m.emulation_stats().total(),
+        }
+    }
+
+    fn record_and_replay(mode: PointMode) -> (Run, Run) {
+        let image = vmm::loader::minimal_elf(guests::REPLAY, None);
+        let mut m = Machine::new(cfg(mode, true), &image).unwrap();
+        let mut rec = Recorder::new(MemorySink::default(), Some(Duration::from_millis(1)));
+        let end = m.run(&mut rec).unwrap();
+        assert_eq!(end, RunEnd::PowerOff(0));
+        rec.finish(&mut m, end).unwrap();
+        let recorded = done(&mut m);
+        let entries = rec.into_sink().entries;
+
+        let mut b = Machine::new(cfg(mode, false), &image).unwrap();
+        let mut rep = Replayer::new(MemorySource::new(entries));
+        let end = b.run(&mut rep).unwrap();
+        rep.finish(&mut b, end).unwrap();
+        assert!(rep.stats().digests_checked > 1);
+        (recorded, done(&mut b))
+    }
+
+    fn assert_same(a: &Run, b: &Run) {
+        assert_eq!(a.exits, b.exits, "points");
+        assert_eq!(a.regs, b.regs, "registers");
+        assert_eq!(a.digest, b.digest, "memory + register digest");
+    }
+
+    #[test]
+    fn emulated_instructions_are_not_points_and_replay_exactly() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let (rec, rep) = record_and_replay(PointMode::Exits);
+        assert_same(&rec, &rep);
+        // Two port exits a round and the power-off: nothing else counts.
+        assert_eq!(rec.exits, 2 * ROUNDS + 1);
+        if kvm_pvm() {
+            assert_eq!(
+                rec.emulated,
+                5 * ROUNDS,
+                "stac, clac, popcnt, xsavec64, xrstor64"
+            );
+            assert_eq!(rep.emulated, 5 * ROUNDS);
+        }
+    }
+
+    #[test]
+    fn singlestep_backend_steps_over_emulated_instructions_exactly() {
+        if !kvm_or_skip() {
+            return;
+        }
+        let (rec, rep) = record_and_replay(PointMode::SingleStep);
+        assert_same(&rec, &rep);
+        // Every instruction is one step: at least the 15 of each round.
+        assert!(rec.exits > 15 * ROUNDS, "{} steps", rec.exits);
+    }
+}
+
+#[test]
+fn syscall_from_cpl3_reaches_its_entry_at_cpl0_with_rcx_and_r11() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (end, m) = boot(guests::SYSCALL_FIXUP);
+    assert_eq!(end.unwrap(), RunEnd::PowerOff(0), "the entry ran, no #PF");
+    let w = |i| test_word(&m, i);
+    assert_eq!(w(0), w(6), "RCX = the instruction after SYSCALL");
+    assert_eq!(w(1), 0x40a02, "R11 = RFLAGS before SYSCALL");
+    assert_eq!(w(2), 0x21_0000 - 64, "RSP still the user stack");
+    assert_eq!(w(3) & 0xffff, 0x08, "CS from STAR[47:32]");
+    assert_eq!(w(4) & 0xffff, 0x10, "SS = CS + 8");
+    assert_eq!(w(5), 0x802, "RFLAGS = R11 & !SFMASK (IF, DF, AC cleared)");
+    let quirk = vmm::quirks::syscall_stays_at_cpl3();
+    eprintln!(
+        "SYSCALL from CPL3 broken here: {quirk}; {}",
+        m.emulation_stats()
+    );
+    assert_eq!(m.emulation_stats().syscall_fixups(), u64::from(quirk));
+    if kvm_pvm() {
+        assert!(quirk, "the probe finds kvm_pvm's SYSCALL quirk");
+    }
+}

@@ -263,12 +263,15 @@ impl<'a> Cpu<'a> {
     }
 
     /// Write every `(offset, bytes)` piece relative to `base`, all or
-    /// nothing: every page is checked before the first byte is written.
+    /// nothing: every page is checked, lowest address first (so a #PF names
+    /// the lowest byte that cannot be written), before anything is written.
     pub fn write_pieces(&self, base: u64, pieces: &[(usize, Vec<u8>)]) -> Step<()> {
         let acc = self.data_access(true);
         let pg = self.paging();
+        let mut sorted: Vec<&(usize, Vec<u8>)> = pieces.iter().collect();
+        sorted.sort_by_key(|(off, _)| *off);
         let mut plan = Vec::new();
-        for (off, bytes) in pieces {
+        for (off, bytes) in sorted {
             let la = base.wrapping_add(*off as u64);
             plan.push((
                 paging::translate_range(self.mem, &pg, la, bytes.len(), acc)?,

@@ -77,9 +77,7 @@ mod tests {
 
     fn cpu<'a>(t: &'a Tables, f: &'a Features) -> Cpu<'a> {
         t.map4k(16, 16 * 4096, 0x3);
-        let mut s = kvm_bindings::kvm_sregs::default();
-        (s.cr0, s.cr3, s.cr4, s.efer) = (t.regs.cr0, t.regs.cr3, t.regs.cr4, t.regs.efer);
-        let mut c = Cpu::new(Default::default(), s, &t.mem, f);
+        let mut c = Cpu::new(Default::default(), t.sregs(), &t.mem, f);
         c.fpu = Some(state());
         c
     }

@@ -288,6 +288,22 @@ pub(crate) mod tests {
             self.mem.read_obj(GuestAddress(gpa)).unwrap()
         }
 
+        /// Special registers for these tables, in 64-bit mode.
+        pub(crate) fn sregs(&self) -> kvm_bindings::kvm_sregs {
+            let cs = kvm_bindings::kvm_segment {
+                l: 1,
+                ..Default::default()
+            };
+            kvm_bindings::kvm_sregs {
+                cr0: self.regs.cr0,
+                cr3: self.regs.cr3,
+                cr4: self.regs.cr4,
+                efer: self.regs.efer,
+                cs,
+                ..Default::default()
+            }
+        }
+
         /// Map the 4 KiB page at linear `page * 4096` (page < 512) to `frame`.
         pub(crate) fn map4k(&self, page: u64, frame: u64, flags: u64) {
             self.set(PT + 8 * page, frame | flags);

@@ -58,7 +58,7 @@ pub fn save(cpu: &mut Cpu<'_>, la: u64, form: SaveForm, w64: bool) -> Step<()> {
     let rfbm_in = cpu.edx_eax();
     let f = cpu.fpu()?.clone();
     let rfbm = f.xcr0 & rfbm_in;
-    let xinuse = f.xinuse();
+    let xinuse = f.in_use(layout);
     let img = legacy_image(&f, w64);
     let mut pieces: Vec<(usize, Vec<u8>)> = Vec::new();
     let saved = match form {
@@ -240,12 +240,7 @@ pub(crate) mod tests {
         for p in 16..48 {
             t.map4k(p, p * 4096, 0x3);
         }
-        let mut s = kvm_bindings::kvm_sregs::default();
-        s.cr0 = t.regs.cr0;
-        s.cr3 = t.regs.cr3;
-        s.cr4 = t.regs.cr4;
-        s.efer = t.regs.efer;
-        let mut c = Cpu::new(Default::default(), s, &t.mem, f);
+        let mut c = Cpu::new(Default::default(), t.sregs(), &t.mem, f);
         c.fpu = Some(busy_state());
         c.regs.rax = 0xffff_ffff;
         c.regs.rdx = 0xffff_ffff;
@@ -328,9 +323,9 @@ pub(crate) mod tests {
         let t = Tables::new();
         let f = Features::for_tests();
         let mut c = setup(&t, &f);
-        // Opmask (5) in its initial state.
+        // Opmask (5) in its initial state (zero), whatever XSTATE_BV says.
         let mut st = busy_state();
-        st.set_xinuse(0xe7 & !(1 << 5));
+        st.area[1088..1152].fill(0);
         c.fpu = Some(st.clone());
         t.mem
             .write_slice(&[0xee; 3000], GuestAddress(AREA))

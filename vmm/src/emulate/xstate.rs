@@ -164,6 +164,31 @@ impl FpuState {
         self.u64_at(HEADER)
     }
 
+    /// The components of XCR0 not in their initial configuration, judged
+    /// from their contents. The XSAVE family reports this as XINUSE rather
+    /// than the XSTATE_BV KVM hands out: that one is the processor's
+    /// tracking as the host last saved it, which varies from run to run on
+    /// kvm_pvm (SSE is sometimes "in use" with every XMM register zero and
+    /// MXCSR at 0x1F80), and a replay must see the same bytes. A
+    /// processor may always report a component in its initial
+    /// configuration as not in use, so this is architecturally exact.
+    pub fn in_use(&self, layout: &XstateLayout) -> u64 {
+        let nonzero = |a: usize, b: usize| self.area[a..b].iter().any(|&x| x != 0);
+        let mut m = 0;
+        if self.u16_at(0) != FCW_INIT || nonzero(2, 24) || nonzero(32, 160) {
+            m |= X87;
+        }
+        if self.mxcsr() != MXCSR_INIT || nonzero(XMM_RANGE.0, XMM_RANGE.1) {
+            m |= SSE;
+        }
+        for (i, c, _) in layout.standard(self.xcr0) {
+            if nonzero(c.offset, c.offset + c.size) {
+                m |= 1 << i;
+            }
+        }
+        m & self.xcr0
+    }
+
     /// Set XSTATE_BV.
     pub fn set_xinuse(&mut self, v: u64) {
         self.area[HEADER..HEADER + 8].copy_from_slice(&v.to_le_bytes());
@@ -288,6 +313,29 @@ pub(crate) mod tests {
         let c = l.compacted((1 << 9) | (1 << 10) | 3);
         assert_eq!((c[0].0, c[0].2), (9, 576));
         assert_eq!((c[1].0, c[1].2), (10, 640), "584 rounded up to 64");
+    }
+
+    #[test]
+    fn in_use_is_judged_from_contents() {
+        let l = XstateLayout::from_cpuid(&avx512_cpuid());
+        let mut f = FpuState {
+            area: vec![0; 4096],
+            xcr0: 0xe7,
+        };
+        f.init_x87();
+        f.area[24..28].copy_from_slice(&MXCSR_INIT.to_le_bytes());
+        f.area[28..32].copy_from_slice(&0xffffu32.to_le_bytes());
+        f.set_xinuse(0xe7); // what the host claims does not matter
+        assert_eq!(f.in_use(&l), 0);
+        f.area[160 + 15] = 1; // XMM0
+        f.area[1088] = 1; // k0
+        assert_eq!(f.in_use(&l), SSE | (1 << 5));
+        f.area[2] = 0x80; // FSW
+        f.area[24..28].copy_from_slice(&0x1fa0u32.to_le_bytes());
+        f.area[160 + 15] = 0;
+        assert_eq!(f.in_use(&l), X87 | SSE | (1 << 5));
+        f.xcr0 = 3;
+        assert_eq!(f.in_use(&l), X87 | SSE, "only XCR0's components");
     }
 
     #[test]
