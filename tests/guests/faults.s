@@ -30,8 +30,7 @@ main:
         mov qword ptr [PD + 8 * (HOLE >> 21)], 0
         mov rax, cr3
         mov cr3, rax
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         # 0: XSAVEC64 into a missing page: #PF, write, not present.
         EXPECT 0, xsavec64 [HOLE + 0x40]
         # 1: POPCNT reading a missing page: #PF, read.
@@ -39,8 +38,7 @@ main:
         EXPECT 1, popcnt rcx, [rbx]
         # 2: an XSAVEC64 area crossing into the missing page: CR2 is the
         # first byte written there.
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         EXPECT 2, xsavec64 [HOLE - 0x100]
         # 3: XRSTOR64 from a misaligned area: #GP(0).
         EXPECT 3, xrstor64 [DATA + 0x20]
@@ -51,8 +49,7 @@ main:
         mov rax, cr4
         or rax, 1 << 21
         mov cr4, rax
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         EXPECT 5, xsavec64 [UDATA]
         # 6: the same with AC set (STAC) succeeds, then CLAC.
         stac

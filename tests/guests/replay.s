@@ -18,8 +18,7 @@ main:
         popcnt r9, r8
         add r14, r9
         mov [DATA + 0x1000], r14
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         xsavec64 [DATA]
         xrstor64 [DATA]
         dec r15

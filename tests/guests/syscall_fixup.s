@@ -12,19 +12,7 @@ main:
         mov rax, cr4
         or rax, 1 << 21                 # SMAP
         mov cr4, rax
-        mov ecx, 0xc0000081             # STAR: kernel CS 0x08, user base 0x10
-        xor eax, eax
-        mov edx, 0x00100008
-        wrmsr
-        mov ecx, 0xc0000082             # LSTAR
-        lea rax, [rip + syscall_entry]
-        mov rdx, rax
-        shr rdx, 32
-        wrmsr
-        mov ecx, 0xc0000084             # SFMASK: IF, DF, AC
-        mov eax, 0x40600
-        xor edx, edx
-        wrmsr
+        SYSCALL_MSRS syscall_entry, 0x40600
         mov edx, 0x40a02                # IF, DF, AC at CPL3
         jmp go_user
 pf_entry:

@@ -7,24 +7,9 @@
         .include "common.inc"
 main:
         call user_page
-        mov ecx, 0xc0000081             # STAR: kernel CS 0x08, user base 0x10
-        xor eax, eax
-        mov edx, 0x00100008
-        wrmsr
-        mov ecx, 0xc0000082             # LSTAR
-        lea rax, [rip + kernel_entry]
-        mov rdx, rax
-        shr rdx, 32
-        wrmsr
-        mov ecx, 0xc0000084             # SFMASK: IF
-        mov eax, 0x200
-        xor edx, edx
-        wrmsr
+        SYSCALL_MSRS kernel_entry, 0x200
         ON_EXCEPTION fault
-        lea rsi, [rip + ucode]
-        lea rdi, [rip + ucode_end]
-        mov edx, 0x202
-        jmp enter_user
+        USER_MODE ucode, ucode_end, 0x202
 fault:
         lea rax, [rip + kernel_entry]
         cmp qword ptr [R_VECTOR], 14

@@ -39,24 +39,16 @@ main:
         cmp ecx, 0x1000
         jne 1b
         ON_EXCEPTION back1
-        lea rsi, [rip + ucode1]
-        lea rdi, [rip + ucode1_end]
-        mov edx, 0x2
-        jmp enter_user
+        USER_MODE ucode1, ucode1_end, 0x2
 back1:
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         xsave64 [DATA]
         xsavec64 [DATA + 0x1000]
         fxsave64 [DATA + 0x2000]
         ON_EXCEPTION back2
-        lea rsi, [rip + ucode2]
-        lea rdi, [rip + ucode2_end]
-        mov edx, 0x2
-        jmp enter_user
+        USER_MODE ucode2, ucode2_end, 0x2
 back2:
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         xsave64 [DATA + 0x3000]
         xsavec64 [DATA + 0x4000]
         # Restorable copies (reserved header bytes zero): round one standard
@@ -74,24 +66,16 @@ back2:
         mov rdi, DATA + 0x6000
         mov edx, 528
         call copy_area
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         xrstor64 [UDATA + 0x7000]
         ON_EXCEPTION back3
-        lea rsi, [rip + ucode3]
-        lea rdi, [rip + ucode3_end]
-        mov edx, 0x2
-        jmp enter_user
+        USER_MODE ucode3, ucode3_end, 0x2
 back3:
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         xrstor64 [DATA + 0x5000]
         xrstor64 [DATA + 0x6000]
         ON_EXCEPTION back4
-        lea rsi, [rip + ucode4]
-        lea rdi, [rip + ucode4_end]
-        mov edx, 0x2
-        jmp enter_user
+        USER_MODE ucode4, ucode4_end, 0x2
 back4:
         POWEROFF 0
 
@@ -106,8 +90,7 @@ ucode1:
         fld1
         mov dword ptr [PATTERN + 0xf00], 0x1fa0
         ldmxcsr [PATTERN + 0xf00]
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         xsave64 [UDATA]
         xsavec64 [UDATA + 0x1000]
         fxsave64 [UDATA + 0x2000]
@@ -115,21 +98,18 @@ ucode1:
 ucode1_end:
 ucode2:
         vzeroupper
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         xsave64 [UDATA + 0x3000]
         xsavec64 [UDATA + 0x4000]
         ud2
 ucode2_end:
 ucode3:
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         xsave64 [UDATA + 0x5000]
         ud2
 ucode3_end:
 ucode4:
-        mov eax, -1
-        mov edx, -1
+        RFBM_ALL
         xsave64 [UDATA + 0x6000]
         ud2
 ucode4_end:
