@@ -215,6 +215,9 @@ impl Machine {
     /// point: nothing here touches the point counter or the observer.
     pub(crate) fn emulate_failed_instruction(&mut self) -> Result<Emulated> {
         let mut bytes = failure_bytes(&mut self.vcpu)?;
+        // KVM says an interrupt could be injected now only without an
+        // interrupt shadow: then there is none to end (one ioctl saved).
+        let no_shadow = self.vcpu.get_kvm_run().ready_for_interrupt_injection != 0;
         let regs = self.vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
         let sregs = self.vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
         if self.emu.features.is_none() {
@@ -283,7 +286,9 @@ impl Machine {
                 self.vcpu
                     .set_regs(&cpu.regs)
                     .map_err(Error::kvm("KVM_SET_REGS"))?;
-                fault::end_interrupt_shadow(&self.vcpu)?;
+                if !no_shadow {
+                    fault::end_interrupt_shadow(&self.vcpu)?;
+                }
                 self.forget_point();
                 tracing::trace!(
                     insn = m.name(),
