@@ -276,7 +276,7 @@ mod replay {
     use vmm::record::{MemorySink, Recorder};
     use vmm::replay::{MemorySource, Replayer};
 
-    const ROUNDS: u64 = 1000;
+    const ROUNDS: u64 = 500; // as in tests/guests/replay.s
 
     struct Run {
         digest: [u8; 32],

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Regenerate emulate_guests.rs from the *.s test guests in this folder.
-# Needs binutils (as, ld) and xxd. The guests are flat binaries linked at
+# Needs binutils (as, ld), xxd and rustfmt. The guests are flat binaries linked at
 # vmm::loader::MINIMAL_ELF_LOAD + the ELF headers (0x100078), where
 # minimal_elf() puts the code.
 set -eu
@@ -36,3 +36,4 @@ probe=../../vmm/src/quirks/syscall_probe_guest.rs
     echo "];"
 } > "$probe"
 echo "wrote $probe"
+rustfmt --edition 2021 "$out" "$probe"

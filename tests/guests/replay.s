@@ -3,7 +3,7 @@
 # STAC, CLAC, POPCNT, XSAVEC64 and XRSTOR64 on it. Two port exits a round
 # plus the power-off are the only deterministic exits.
         .include "common.inc"
-        .set ROUNDS, 1000
+        .set ROUNDS, 500
 main:
         mov r15, ROUNDS
         xor r14, r14
