@@ -380,3 +380,20 @@ fn syscall_from_cpl3_reaches_its_entry_at_cpl0_with_rcx_and_r11() {
         assert!(quirk, "the probe finds kvm_pvm's SYSCALL quirk");
     }
 }
+
+#[test]
+fn single_step_trap_after_an_emulated_instruction() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let (end, m) = boot(guests::SINGLE_STEP);
+    eprintln!("emulated: {}", m.emulation_stats());
+    assert_eq!(end.unwrap(), RunEnd::PowerOff(0), "a #DB arrived");
+    assert_eq!(at(&m, RESULT), 1, "vector 1");
+    assert_eq!(
+        at(&m, RESULT + 0x10),
+        test_word(&m, 0),
+        "RIP after the CLAC"
+    );
+    assert_ne!(test_word(&m, 1) & (1 << 14), 0, "DR6.BS");
+}
