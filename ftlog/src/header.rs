@@ -40,8 +40,8 @@ pub enum DigestKind {
     Blake3RegsRam,
     /// BLAKE3 over the same registers, then the RAM size in 4 KiB pages (a
     /// little-endian u64), then one hash per group of 512 pages, each the
-    /// BLAKE3 of its pages' BLAKE3 hashes in address order (the last group
-    /// may be shorter). Computed incrementally from the pages written since
+    /// BLAKE3 of its pages' XXH3-128 hashes (16 bytes little-endian each) in
+    /// address order (the last group may be shorter). Computed incrementally from the pages written since
     /// the previous digest; the value depends only on the state (format
     /// version 3, docs/log-format.md).
     Blake3RegsPageTree,

@@ -191,7 +191,8 @@ impl Machine {
             }
         };
         let dirty = DirtyLog::new(&vm, &mem, logging)?;
-        let digester = Digester::new(DEFAULT_KIND, &dirty);
+        // RAM is fresh from mmap: all zero, nothing written yet.
+        let digester = Digester::for_zeroed_ram(DEFAULT_KIND, &dirty);
         // VMX needs these three pages even without real mode.
         vm.set_tss_address(0xfffb_d000)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
