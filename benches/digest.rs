@@ -299,7 +299,12 @@ fn logging_cost(g: &Guest) {
             let mut m = Machine::new(config(g.cmdline, &out), &g.image).unwrap();
             m.set_dirty_logging(on).unwrap();
             let mut obs = Harvest {
-                cursor: on.then(|| m.dirty_log().cursor()),
+                // A new cursor's first take is every page: not a harvest.
+                cursor: on.then(|| {
+                    let mut c = m.dirty_log().cursor();
+                    c.take();
+                    c
+                }),
                 last: Instant::now(),
                 harvests: 0,
                 pages: 0,
