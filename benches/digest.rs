@@ -16,6 +16,9 @@
 //!
 //! Run: `cargo bench --bench digest` (prints markdown for docs/benchmarks.md).
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use ftlog::{DigestKind, ExecBackend, LogWriter};

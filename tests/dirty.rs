@@ -7,6 +7,9 @@
 //! differs from its recording by one byte of RAM is caught at the next
 //! digest.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
