@@ -47,7 +47,9 @@ pub fn run_backup(
     let _heartbeat = ft.heartbeat(Role::Backup, generation)?;
     let held = HeldSerial::default();
     cfg.serial_out = Box::new(held.clone());
+    let digest_kind = h.state_digest;
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
+    m.set_digest_kind(digest_kind);
     // The backup's guest sends what the primary's sends; only the primary's
     // copy may reach the wire, so these are dropped.
     let dropped = Arc::new(AtomicU64::new(0));
