@@ -5,6 +5,9 @@
 //!
 //! Run: `cargo bench --bench ft` (prints markdown for docs/benchmarks.md).
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -12,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use ftlog::{BackupExpect, BackupListener, ChannelConfig, ExecBackend};
 use ftvmm::console::Capture;
+use ftvmm::ft_options::FtOptions;
 use ftvmm::guest::GUEST_ELF;
-use ftvmm::roles::{run_primary, FtOptions};
+use ftvmm::primary::run_primary;
 use vmm::link::ChannelSource;
 use vmm::points::PointMode;
 use vmm::replay::Replayer;
@@ -64,7 +68,7 @@ fn ft_options(dir: &Path) -> FtOptions {
 
 struct FtRun {
     rate: f64,
-    report: ftvmm::roles::PrimaryReport,
+    report: ftvmm::primary::PrimaryReport,
     secs: f64,
 }
 

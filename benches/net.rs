@@ -4,6 +4,9 @@
 //!
 //! Needs root, KVM, iproute2 and redis-tools. `cargo bench --bench net`.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,9 @@
 //! Run: `cargo bench --bench replay` (prints a markdown table for
 //! docs/benchmarks.md).
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use ftlog::{ExecBackend, LogReader, LogWriter};

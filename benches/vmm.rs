@@ -4,6 +4,9 @@
 //!
 //! Run: `cargo bench --bench vmm`
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -1,4 +1,7 @@
 //! Debug aid: record and replay the bundled guest with exit tracing on.
+
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
 use ftvmm::console::Capture;
 use std::time::Duration;
 use vmm::points::PointMode;

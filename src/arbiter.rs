@@ -501,6 +501,16 @@ fn parse_claim(bytes: &[u8], generation: u64) -> Result<Claim, String> {
     Ok(Claim { node })
 }
 
+/// The node id a side gets unless given one: `role@hostname-pid`, unique
+/// per process and telling an operator reading a lock file where the winner
+/// ran (the host name is shortened to fit [`MAX_NODE_ID_LEN`]).
+pub fn default_node_id(role: &str) -> String {
+    let pid = std::process::id();
+    let room = MAX_NODE_ID_LEN.saturating_sub(role.len() + 2 + pid.to_string().len());
+    let host: String = hostname().chars().take(room).collect();
+    format!("{role}@{host}-{pid}")
+}
+
 /// This host's name, restricted to characters safe in a file name.
 fn hostname() -> String {
     let raw = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -565,6 +575,16 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .filter(|n| n.ends_with(".tmp"))
             .collect()
+    }
+
+    #[test]
+    fn the_default_node_id_is_role_at_host_pid_and_valid() {
+        let id = default_node_id("backup");
+        let pid = std::process::id().to_string();
+        assert!(id.starts_with("backup@"), "{id}");
+        assert!(id.ends_with(&format!("-{pid}")), "{id}");
+        assert!(validate_node_id(&id).is_ok(), "{id}");
+        assert!(id.contains(&hostname()[..hostname().len().min(8)]), "{id}");
     }
 
     #[test]

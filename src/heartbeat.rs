@@ -514,6 +514,44 @@ impl Drop for Heartbeat {
     }
 }
 
+impl Heartbeat {
+    /// Keep beating, and call `on_dead` once, from a thread of its own, as
+    /// soon as the peer has been silent for the timeout: so a death is
+    /// noticed at once, whatever the caller is blocked in. Dropping the
+    /// returned watch stops both.
+    pub fn watch(self, on_dead: impl FnOnce(Duration) + Send + 'static) -> PeerWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            if let WaitOutcome::PeerDead { silent_for } = self.wait_dead(&s) {
+                on_dead(silent_for);
+            }
+        });
+        PeerWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+/// A [`Heartbeat`] watched by a thread (see [`Heartbeat::watch`]).
+#[derive(Debug)]
+pub struct PeerWatch {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for PeerWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("heartbeat watch thread panicked");
+            }
+        }
+    }
+}
+
 /// The worker: send every interval, receive in between, until stopped.
 fn run(socket: UdpSocket, peer: SocketAddr, config: HeartbeatConfig, shared: Arc<Shared>) {
     let mut seq = 0u64;
@@ -737,6 +775,31 @@ mod tests {
         assert!(took <= TIMEOUT + SLACK, "detected too late: {took:?}");
         assert!(!a.is_alive());
         eprintln!("death detected {took:?} after drop (timeout {TIMEOUT:?})");
+    }
+
+    #[test]
+    fn a_watch_reports_death_once_and_stops_when_dropped() {
+        let (a, b) = pair(cfg(Role::Primary, 2), cfg(Role::Backup, 2));
+        assert!(a.wait_heard(Duration::from_secs(5)), "never heard");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let watch = a.watch(move |silent| {
+            let _ = tx.send(silent);
+        });
+        assert!(rx.recv_timeout(TIMEOUT * 2).is_err(), "alive while b beats");
+        let dropped = Instant::now();
+        drop(b);
+        let silent = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("death reported");
+        assert!(silent >= TIMEOUT, "{silent:?}");
+        assert!(
+            dropped.elapsed() <= TIMEOUT + SLACK,
+            "{:?}",
+            dropped.elapsed()
+        );
+        let t = Instant::now();
+        drop(watch);
+        assert!(t.elapsed() < Duration::from_millis(500));
     }
 
     #[test]

@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ftlog::ExecBackend;
 use ftvmm::rr::{self, RecordOptions};
-use ftvmm::status::{self, Progress};
 use ftvmm::{console, guest};
 use vmm::clock::ClockMode;
 use vmm::devices::ftclock::Entropy;
@@ -205,7 +204,8 @@ struct FtArgs {
     #[arg(long)]
     heartbeat_timeout_ms: Option<u64>,
     /// Milliseconds the backup's replay may fall behind the primary before
-    /// the primary is slowed.
+    /// the primary is slowed; a backup that keeps it slowed for this plus
+    /// --peer-timeout-ms is declared dead (arbiter, then alone).
     #[arg(long, default_value_t = 1000)]
     lag_bound_ms: u64,
     /// A cap in log entries on the same lag (default 10000).
@@ -242,13 +242,13 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
     if f.key.is_empty() {
         anyhow::bail!("the logging channel needs a shared key: set FTVMM_KEY or pass --key");
     }
-    let ft = ftvmm::roles::FtOptions {
+    let ft = ftvmm::ft_options::FtOptions {
         key: f.key.as_bytes().to_vec(),
         arbiter: f.arbiter.clone().context("--arbiter is required")?,
         node_id: f
             .node_id
             .clone()
-            .unwrap_or_else(|| format!("{role}-{}", std::process::id())),
+            .unwrap_or_else(|| ftvmm::arbiter::default_node_id(role)),
         console: f
             .console_file
             .clone()
@@ -266,12 +266,12 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
     let cfg = args.vm.config();
     let end = if f.primary {
         let peer = f.peer.as_deref().context("--peer is required")?;
-        ftvmm::roles::run_primary(image, cfg, peer, &ft)?
+        ftvmm::primary::run_primary(image, cfg, peer, &ft)?
             .end
             .unwrap_or(RunEnd::Stopped)
     } else {
         let listen = f.listen.as_deref().context("--listen is required")?;
-        ftvmm::roles::run_backup(image, cfg, listen, &ft)?
+        ftvmm::backup::run_backup(image, cfg, listen, &ft)?
     };
     eprintln!("ftvmm: {role} stopped: {end:?}");
     Ok(end_code(end))
@@ -322,43 +322,12 @@ fn end_code(end: RunEnd) -> ExitCode {
 
 fn record(args: RecordArgs) -> Result<ExitCode> {
     let image = args.vm.kernel_image()?;
-    let file = std::fs::File::create(&args.log)
-        .with_context(|| format!("cannot create log {}", args.log.display()))?;
-    let backend = args.backend.unwrap_or_else(PointMode::best_available);
     let opts = RecordOptions {
-        backend,
+        backend: args.backend.unwrap_or_else(PointMode::best_available),
         digest_every: (args.digest_ms > 0).then(|| Duration::from_millis(args.digest_ms)),
         net_mac: None,
     };
-    let progress = Progress::new();
-    status::spawn("record", progress.clone(), Duration::from_secs(2));
-    let no_stdin = args.no_stdin;
-    let done = rr::record(
-        &image,
-        args.vm.config(),
-        file,
-        opts,
-        progress.clone(),
-        |m| {
-            if !no_stdin {
-                console::forward_stdin(m.host_inputs());
-            }
-        },
-    );
-    progress.finish();
-    let done = done?;
-    eprintln!(
-        "ftvmm: recorded {:?} with the {backend} backend: {} entries ({} inputs, {} reads, {} injections, {} digests), {} exits, {} bytes -> {}",
-        done.end,
-        done.stats.entries,
-        done.stats.inputs,
-        done.stats.reads,
-        done.stats.injections,
-        done.stats.digests,
-        done.exits,
-        done.bytes,
-        args.log.display()
-    );
+    let done = rr::record_file(&image, args.vm.config(), &args.log, opts, !args.no_stdin)?;
     Ok(end_code(done.end))
 }
 
@@ -369,125 +338,23 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         }
         None => guest::GUEST_ELF.to_vec(),
     };
-    let file = std::fs::File::open(&args.log)
-        .with_context(|| format!("cannot open log {}", args.log.display()))?;
     let out: vmm::devices::serial::SerialOut = if args.quiet {
         Box::new(std::io::sink())
     } else {
         Box::new(console::Stdout)
     };
-    let start = Instant::now();
-    let done = rr::replay(&image, std::io::BufReader::new(file), out)
-        .with_context(|| format!("replay of {} failed", args.log.display()))?;
-    eprintln!(
-        "ftvmm: replay matched the recording ({} backend): {} entries, {} state digests equal, {} exits, ended {:?}, {:.2}s",
-        done.backend,
-        done.stats.entries,
-        done.stats.digests_checked,
-        done.exits,
-        done.end,
-        start.elapsed().as_secs_f64()
-    );
+    let done = rr::replay_file(&image, &args.log, out)?;
     Ok(end_code(done.end))
 }
 
 fn demo(args: DemoArgs) -> Result<ExitCode> {
-    let dir = std::env::temp_dir().join(format!("ftvmm-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let log = dir.join("demo.ftlog");
-    let hz = 100;
-    let cmdline = format!("hz={hz} ticks={} digest_every={hz}", args.seconds * hz);
-    println!("== ftvmm demo: recording the bundled guest ({cmdline})");
-    let vm = VmArgs {
-        kernel: None,
-        mem: 32,
-        cmdline,
-        clock: ClockArg::Host,
-        ns_per_exit: 20_000,
-        seed: None,
-    };
-    record(RecordArgs {
-        vm,
-        log: log.clone(),
-        backend: args.backend,
-        digest_ms: 200,
-        no_stdin: true,
-    })?;
-    println!(
-        "\n== replaying {} on a fresh VM (its own timers and clock silent)",
-        log.display()
-    );
-    let code = replay(ReplayArgs {
-        log,
-        kernel: None,
-        quiet: false,
-    })?;
-    println!("\n== the replayed guest printed the same digests: it reached the same state");
-    if code == ExitCode::SUCCESS {
-        demo_failover(&dir, args.seconds)?;
-        let exe = std::env::current_exe().context("cannot find the ftvmm executable")?;
-        ftvmm::demo_net::run(&dir, &exe)?;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(code)
-}
-
-/// Part two of the demo: a primary and a backup as two processes on
-/// loopback; the primary is killed half way and the backup takes over.
-fn demo_failover(dir: &std::path::Path, seconds: u32) -> Result<()> {
-    use std::process::{Command, Stdio};
-    let arbiter = dir.join("arbiter");
-    std::fs::create_dir_all(&arbiter)
-        .with_context(|| format!("cannot create {}", arbiter.display()))?;
-    let console = dir.join("console.txt");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let cmdline = format!("hz=100 ticks={} digest_every=25", seconds * 100);
-    println!("\n== fault tolerance: a backup and a primary on {addr}; the primary is killed after {:.1} s", seconds as f64 / 2.0);
     let exe = std::env::current_exe().context("cannot find the ftvmm executable")?;
-    let spawn = |role: &str, flags: [&str; 3]| {
-        Command::new(&exe)
-            .args([
-                "run",
-                "--no-stdin",
-                "--cmdline",
-                &cmdline,
-                "--node-id",
-                role,
-            ])
-            .arg("--arbiter")
-            .arg(&arbiter)
-            .arg("--console-file")
-            .arg(&console)
-            .args(["--peer-timeout-ms", "500"])
-            .args(flags)
-            .env("FTVMM_KEY", "demo key")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start the {role}"))
-    };
-    let mut backup = spawn("backup", ["--backup", "--listen", &addr])?;
-    let mut primary = spawn("primary", ["--primary", "--peer", &addr])?;
-    std::thread::sleep(Duration::from_millis(u64::from(seconds) * 500));
-    let _ = primary.kill();
-    let _ = primary.wait();
-    let seen = std::fs::read(&console).unwrap_or_default().len();
-    println!("== primary killed (kill -9); {seen} console bytes had been released");
-    let status = backup.wait().context("the backup did not finish")?;
-    let text = std::fs::read_to_string(&console).unwrap_or_default();
-    println!("== the console as an outside reader sees it:\n{text}");
-    println!(
-        "== backup {}: the stream goes on past the failover with no gap",
-        if status.success() {
-            "finished the guest"
-        } else {
-            "failed"
-        }
-    );
-    Ok(())
+    let matched = ftvmm::demo::run(&exe, args.backend, args.seconds)?;
+    Ok(if matched {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn main() -> ExitCode {

@@ -2,12 +2,13 @@
 //! `ftvmm replay` and `ftvmm demo` share with the tests and benches.
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ftlog::{DigestKind, EntryKind, ExecBackend, ExecPoint, LogHeader, LogReader, LogWriter};
+use ftlog::{EntryKind, ExecBackend, ExecPoint, LogHeader, LogReader, LogWriter};
 use vmm::devices::serial::SerialOut;
 use vmm::digest::image_digest;
 use vmm::points::PointMode;
@@ -15,7 +16,8 @@ use vmm::record::{LogSink, RecordStats, Recorder};
 use vmm::replay::{ReaderSource, ReplayStats, Replayer};
 use vmm::{Machine, MachineConfig, RunEnd};
 
-use crate::status::Progress;
+use crate::console;
+use crate::status::{self, Progress};
 
 /// A log writer that also feeds the status line.
 pub struct ProgressSink<W: Write> {
@@ -66,7 +68,7 @@ pub fn header_for(image: &[u8], cfg: &MachineConfig, opts: &RecordOptions) -> Lo
         image_digest: image_digest(image),
         mem_mib: cfg.mem_mib as u32,
         cmdline: cfg.cmdline.clone(),
-        state_digest: DigestKind::Blake3RegsRam,
+        state_digest: vmm::digest::DEFAULT_KIND,
         digest_interval_ms: opts.digest_every.map(|d| d.as_millis() as u64),
         net_mac: opts.net_mac,
     }
@@ -136,6 +138,8 @@ pub fn replay<R: Read>(image: &[u8], log: R, out: SerialOut) -> Result<Replayed>
     // The backup's clocks are silent: every input comes from the log.
     cfg.live_timers = false;
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
+    // A version-2 log's digests are of all RAM.
+    m.set_digest_kind(header.state_digest);
     let mut rep = Replayer::new(ReaderSource::new(reader));
     let end = m.run(&mut rep)?;
     rep.finish(&mut m, end)?;
@@ -145,4 +149,59 @@ pub fn replay<R: Read>(image: &[u8], log: R, out: SerialOut) -> Result<Replayed>
         exits: m.exit_count(),
         backend: header.backend,
     })
+}
+
+/// `ftvmm record`: record `image` into the file `log` with a status line,
+/// and say what was recorded.
+pub fn record_file(
+    image: &[u8],
+    cfg: MachineConfig,
+    log: &Path,
+    opts: RecordOptions,
+    forward_stdin: bool,
+) -> Result<Recorded> {
+    let file = std::fs::File::create(log)
+        .with_context(|| format!("cannot create log {}", log.display()))?;
+    let progress = Progress::new();
+    status::spawn("record", progress.clone(), Duration::from_secs(2));
+    let done = record(image, cfg, file, opts, progress.clone(), |m| {
+        if forward_stdin {
+            console::forward_stdin(m.host_inputs());
+        }
+    });
+    progress.finish();
+    let done = done?;
+    eprintln!(
+        "ftvmm: recorded {:?} with the {} backend: {} entries ({} inputs, {} reads, {} injections, {} digests), {} exits, {} bytes -> {}",
+        done.end,
+        opts.backend,
+        done.stats.entries,
+        done.stats.inputs,
+        done.stats.reads,
+        done.stats.injections,
+        done.stats.digests,
+        done.exits,
+        done.bytes,
+        log.display()
+    );
+    Ok(done)
+}
+
+/// `ftvmm replay`: replay the file `log` on `image`, and say how it went.
+pub fn replay_file(image: &[u8], log: &Path, out: SerialOut) -> Result<Replayed> {
+    let file =
+        std::fs::File::open(log).with_context(|| format!("cannot open log {}", log.display()))?;
+    let start = Instant::now();
+    let done = replay(image, std::io::BufReader::new(file), out)
+        .with_context(|| format!("replay of {} failed", log.display()))?;
+    eprintln!(
+        "ftvmm: replay matched the recording ({} backend): {} entries, {} state digests equal, {} exits, ended {:?}, {:.2}s",
+        done.backend,
+        done.stats.entries,
+        done.stats.digests_checked,
+        done.exits,
+        done.end,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(done)
 }

@@ -1,5 +1,8 @@
 //! The `ftvmm` command's errors, as a user sees them.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;

@@ -5,6 +5,7 @@
 //! and replay across emulated instructions, and the SYSCALL quirk.
 //!
 //! The guests are assembled from tests/guests/*.s (tests/guests/assemble.sh).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

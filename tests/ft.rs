@@ -1,6 +1,9 @@
 //! A primary and a backup on loopback: the backup replays what the logging
 //! channel delivers while the primary runs, and reaches the same states.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;

@@ -2,6 +2,9 @@
 //! frames arrive from the host is replayed to the same state, sending the
 //! same frames; a snapshot of a networked VM continues like the original.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::{Arc, Mutex};

@@ -3,6 +3,9 @@
 //! stream of INCRs on one TCP connection surviving kill -9 of the primary,
 //! and the output rule on the wire.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,8 +38,10 @@ impl Pair {
         }
     }
 
-    fn console(&self) -> PathBuf {
-        self.dir.join("console.txt")
+    /// Each side writes its own console file: the primary's is what it
+    /// released, the backup's what it produced itself.
+    fn console(&self, role: &str) -> PathBuf {
+        self.dir.join(format!("{role}.console"))
     }
 
     /// Start `role` in the host namespace; the primary gives up on a silent
@@ -47,7 +52,7 @@ impl Pair {
             .arg("--arbiter")
             .arg(self.dir.join("arbiter"))
             .arg("--console-file")
-            .arg(self.console())
+            .arg(self.console(role))
             .env("FTVMM_KEY", KEY)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -77,6 +82,20 @@ impl Pair {
         child
     }
 
+    /// After a failover: what the backup produced extends what the primary
+    /// released, without contradiction.
+    fn check_consoles(&self) {
+        let released = std::fs::read(self.console("primary")).unwrap_or_default();
+        let produced = std::fs::read(self.console("backup")).unwrap_or_default();
+        if let Err(e) = common::pair::check_extends(&released, &produced) {
+            panic!(
+                "the backup contradicts the primary's console: {e}\nprimary:\n{}\nbackup:\n{}",
+                self.stderr("primary"),
+                self.stderr("backup")
+            );
+        }
+    }
+
     fn stderr(&self, role: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{role}.err"))).unwrap_or_default()
     }
@@ -87,7 +106,7 @@ impl Pair {
         let primary = self.spawn("primary", primary_timeout_ms);
         let start = Instant::now();
         loop {
-            let text = std::fs::read_to_string(self.console()).unwrap_or_default();
+            let text = std::fs::read_to_string(self.console("primary")).unwrap_or_default();
             if text.contains("\nnet mac ") {
                 break;
             }
@@ -230,6 +249,7 @@ fn redis_cli_round_trips_through_the_ft_pair_and_the_new_primary() {
         err.contains("going live") && err.contains("network live on tap-b"),
         "{err}"
     );
+    pair.check_consoles();
     kill(&mut backup);
 }
 
@@ -270,6 +290,7 @@ fn an_incr_stream_on_one_connection_survives_primary_kills() {
         let err = pair.stderr("backup");
         assert!(err.contains("going live"), "trial {trial}: {err}");
         assert_eq!(pair.redis_cli(&["GET", "counter"]), n.to_string());
+        pair.check_consoles();
         eprintln!(
             "trial {trial}: primary killed after {kill_after:?} (reply {at_kill:?}), same connection reached {n}"
         );

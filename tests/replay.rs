@@ -1,5 +1,8 @@
 //! Record and replay on one host, in every backend this host has.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

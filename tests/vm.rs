@@ -1,5 +1,8 @@
 //! The VMM core on the bundled guest: boot, timer, serial, snapshots, errors.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Instant;

@@ -17,7 +17,7 @@ use crate::{LogEntry, LogError, LogHeader};
 /// The first eight bytes of every log.
 pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
 /// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build reads.
 pub const MIN_READ_VERSION: u32 = 2;
 /// Magic plus version.
@@ -116,6 +116,25 @@ pub fn decode_preamble(buf: &[u8]) -> Result<Option<u32>, LogError> {
         });
     }
     Ok(Some(version))
+}
+
+/// Refuse a header that names something its stream's format `version`
+/// did not have (a damaged version field can turn 3 into 2).
+pub fn check_header_version(
+    header: &LogHeader,
+    version: u32,
+    at: FramePos,
+) -> Result<(), LogError> {
+    if version < 3 && header.state_digest != crate::DigestKind::Blake3RegsRam {
+        return Err(LogError::Decode {
+            at,
+            reason: format!(
+                "a version-{version} log cannot use the {:?} state digest (added in version 3)",
+                header.state_digest
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The error for a stream that ended with `buf.len()` bytes of an
@@ -303,7 +322,7 @@ mod tests {
         let mut out = Vec::new();
         encode_preamble(&mut out);
         assert_eq!(out.len(), PREAMBLE_LEN);
-        assert_eq!(&out, b"FTVMMLOG\x02\x00\x00\x00");
+        assert_eq!(&out, b"FTVMMLOG\x03\x00\x00\x00");
         assert_eq!(decode_preamble(&out).unwrap(), Some(FORMAT_VERSION));
         for cut in 0..PREAMBLE_LEN {
             assert_eq!(decode_preamble(&out[..cut]).unwrap(), None, "cut {cut}");

@@ -18,8 +18,8 @@ mod point;
 mod stream;
 
 pub use channel::{
-    Acks, BackupExpect, BackupListener, BackupReceiver, ChannelConfig, ChannelError, ChannelStats,
-    PrimarySender, Refusal,
+    Acks, BackupExpect, BackupListener, BackupReceiver, BusyListener, ChannelConfig, ChannelError,
+    ChannelStats, PrimarySender, Refusal,
 };
 pub use codec::{Frame, FramePos};
 pub use entry::{EndReason, EntryKind, LogEntry};

@@ -1,9 +1,13 @@
 //! The logging channel over loopback TCP: handshake and refusals, streaming
 //! and acks, the window and the lag throttle, liveness, corruption.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -60,6 +64,35 @@ fn entry(seq: u64) -> LogEntry {
             }
         },
     }
+}
+
+/// A listening backup: its address, the connections it refused, and the
+/// primary it accepted.
+type Reporting = (
+    String,
+    mpsc::Receiver<(SocketAddr, ChannelError)>,
+    thread::JoinHandle<Result<BackupReceiver, ChannelError>>,
+);
+
+/// A backup accepting one primary on a background thread, reporting the
+/// connections it refused on the way.
+fn backup_reporting(
+    cfg: ChannelConfig,
+    exp: BackupExpect,
+    check: Option<fn(u64) -> Result<(), Refusal>>,
+) -> Reporting {
+    let mut l = BackupListener::bind("127.0.0.1:0", &cfg, exp).unwrap();
+    if let Some(c) = check {
+        l = l.with_generation_check(c);
+    }
+    let addr = l.local_addr().unwrap().to_string();
+    let (tx, rx) = mpsc::channel();
+    let h = thread::spawn(move || {
+        l.accept_reporting(Some(Duration::from_secs(4)), |peer, e| {
+            let _ = tx.send((peer, e.clone()));
+        })
+    });
+    (addr, rx, h)
 }
 
 /// A backup accepting one primary on a background thread.
@@ -219,7 +252,8 @@ fn handshake_succeeds_and_a_clean_close_ends_the_stream() {
 }
 
 /// Connects a primary with `pcfg`/`phead` to a backup with `bcfg`/`exp`;
-/// returns both sides' errors.
+/// returns both sides' errors. The backup keeps waiting after the refusal
+/// and then serves the right primary (`bcfg`'s key, `exp`'s image).
 fn refused(
     pcfg: ChannelConfig,
     phead: LogHeader,
@@ -227,9 +261,15 @@ fn refused(
     exp: BackupExpect,
 ) -> (ChannelError, ChannelError) {
     within(Duration::from_secs(5), move || {
-        let (addr, b) = backup(bcfg, exp);
+        let (addr, refusals, b) = backup_reporting(bcfg.clone(), exp, None);
         let pe = PrimarySender::connect(&addr, &pcfg, &phead).unwrap_err();
-        let be = b.join().unwrap().unwrap_err();
+        let (_, be) = refusals.recv_timeout(Duration::from_secs(3)).unwrap();
+        let good = PrimarySender::connect(&addr, &bcfg, &header(exp.backend, exp.image_digest));
+        let r = b.join().unwrap().expect("the listener survives a refusal");
+        let good = good.unwrap();
+        good.push(ExecPoint::default(), EntryKind::IrqRaise { irq: 1 })
+            .unwrap();
+        assert_eq!(r.next().unwrap().unwrap().seq, 0);
         (pe, be)
     })
 }
@@ -277,7 +317,10 @@ fn other_protocol_version_is_refused_naming_both() {
             primary: 7,
             backup: ftlog::channel::PROTOCOL_VERSION,
         },
-        &["version 7", "version 2"],
+        &[
+            "version 7",
+            &format!("version {}", ftlog::channel::PROTOCOL_VERSION),
+        ],
     );
 }
 
@@ -320,25 +363,30 @@ fn other_guest_image_is_refused_naming_both() {
 }
 
 #[test]
-fn a_listener_survives_a_refused_primary() {
+fn finding_7_one_accept_survives_strangers_and_refused_primaries() {
     within(Duration::from_secs(5), || {
         let cfg = config(KEY);
-        let l = BackupListener::bind("127.0.0.1:0", &cfg, expect()).unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let b = thread::spawn(move || {
-            let first = l.accept_timeout(Duration::from_secs(3));
-            let second = l.accept_timeout(Duration::from_secs(3));
-            (first.map(|_| ()), second)
-        });
+        let (addr, refusals, b) = backup_reporting(cfg.clone(), expect(), None);
         let h = header(ExecBackend::Exits, IMAGE);
+        let mut http = TcpStream::connect(&addr).unwrap();
+        http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let (peer, e) = refusals.recv_timeout(Duration::from_secs(3)).unwrap();
+        assert_eq!(peer, http.local_addr().unwrap(), "the stranger is named");
+        assert!(matches!(e, ChannelError::NotAChannel { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("not an ftvmm logging channel"),
+            "{e}"
+        );
         assert!(PrimarySender::connect(&addr, &config(b"stranger"), &h).is_err());
+        let (_, e) = refusals.recv_timeout(Duration::from_secs(3)).unwrap();
+        assert!(
+            matches!(e, ChannelError::Rejected(Refusal::WrongKey)),
+            "{e:?}"
+        );
+        assert!(!b.is_finished(), "still waiting for the primary");
         let p = PrimarySender::connect(&addr, &cfg, &h).unwrap();
-        let (first, second) = b.join().unwrap();
-        assert!(matches!(
-            first,
-            Err(ChannelError::Rejected(Refusal::WrongKey))
-        ));
-        let r = second.unwrap();
+        let r = b.join().unwrap().unwrap();
         p.push(ExecPoint::default(), EntryKind::IrqRaise { irq: 1 })
             .unwrap();
         assert_eq!(r.next().unwrap().unwrap().seq, 0);
@@ -346,17 +394,118 @@ fn a_listener_survives_a_refused_primary() {
 }
 
 #[test]
-fn a_stranger_that_does_not_speak_the_protocol_is_refused() {
+fn finding_7_a_silent_stranger_does_not_hold_up_the_primary() {
     within(Duration::from_secs(5), || {
-        let (addr, b) = backup(config(KEY), expect());
-        let mut s = TcpStream::connect(&addr).unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        let e = b.join().unwrap().unwrap_err();
-        assert!(matches!(e, ChannelError::NotAChannel { .. }), "{e:?}");
+        let mut cfg = config(KEY);
+        cfg.handshake_timeout = Duration::from_secs(3);
+        let (addr, refusals, b) = backup_reporting(cfg.clone(), expect(), None);
+        // Connects and says nothing: its handshake would run 3 s.
+        let silent = TcpStream::connect(&addr).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        let mut pcfg = cfg.clone();
+        pcfg.handshake_timeout = Duration::from_secs(1);
+        let p = PrimarySender::connect(&addr, &pcfg, &header(ExecBackend::Exits, IMAGE))
+            .expect("served while the stranger's handshake is pending");
+        let r = b.join().unwrap().unwrap();
         assert!(
-            e.to_string().contains("not an ftvmm logging channel"),
-            "{e}"
+            refusals.try_recv().is_err(),
+            "the stranger was not refused yet"
         );
+        p.push(ExecPoint::default(), EntryKind::IrqRaise { irq: 1 })
+            .unwrap();
+        assert_eq!(r.next().unwrap().unwrap().seq, 0);
+        drop(silent);
+    });
+}
+
+#[test]
+fn finding_11_a_stranger_cannot_make_the_backup_buffer_a_large_frame() {
+    within(Duration::from_secs(5), || {
+        let mut cfg = config(KEY);
+        cfg.handshake_timeout = Duration::from_secs(4);
+        let (addr, refusals, b) = backup_reporting(cfg.clone(), expect(), None);
+        let mut s = TcpStream::connect(&addr).unwrap();
+        // A well-formed preamble, then a frame that claims 1 MiB.
+        s.write_all(b"FTVMMCHN").unwrap();
+        s.write_all(&ftlog::channel::PROTOCOL_VERSION.to_le_bytes())
+            .unwrap();
+        s.write_all(&(1u32 << 20).to_le_bytes()).unwrap();
+        s.write_all(&[0; 4 + 1000]).unwrap();
+        let (_, e) = refusals.recv_timeout(Duration::from_secs(3)).unwrap();
+        assert!(
+            matches!(e.log_error(), Some(LogError::FrameTooLarge { len, max, .. })
+                if *len == 1 << 20 && *max == ftlog::channel::PRE_AUTH_FRAME_LEN),
+            "refused at once, not after waiting for the payload: {e:?}"
+        );
+        let p = PrimarySender::connect(&addr, &cfg, &header(ExecBackend::Exits, IMAGE)).unwrap();
+        b.join().unwrap().unwrap();
+        drop(p);
+    });
+}
+
+#[test]
+fn finding_8_a_generation_the_backup_refuses_is_named_on_both_sides() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let check: fn(u64) -> Result<(), Refusal> = |g| {
+            if g <= 5 {
+                Err(Refusal::Generation {
+                    offered: g,
+                    latest_decided: 5,
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let (addr, refusals, b) = backup_reporting(cfg.clone(), expect(), Some(check));
+        let h = header(ExecBackend::Exits, IMAGE);
+        let mut old = cfg.clone();
+        old.generation = 3;
+        let pe = PrimarySender::connect(&addr, &old, &h).unwrap_err();
+        let (_, be) = refusals.recv_timeout(Duration::from_secs(3)).unwrap();
+        let want = Refusal::Generation {
+            offered: 3,
+            latest_decided: 5,
+        };
+        assert_refusal(&pe, &be, &want, &["generation 3", "generation 5"]);
+        let mut new = cfg.clone();
+        new.generation = 6;
+        let p = PrimarySender::connect(&addr, &new, &h).unwrap();
+        let r = b.join().unwrap().unwrap();
+        assert_eq!((p.generation(), r.generation()), (6, 6));
+    });
+}
+
+#[test]
+fn finding_7_a_paired_backup_refuses_later_primaries_as_busy() {
+    within(Duration::from_secs(5), || {
+        let mut cfg = config(KEY);
+        cfg.generation = 4;
+        let l = BackupListener::bind("127.0.0.1:0", &cfg, expect()).unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let h = header(ExecBackend::Exits, IMAGE);
+        let b = thread::spawn(move || {
+            let r = l.accept_timeout(Duration::from_secs(3)).unwrap();
+            let busy = l.refuse_all(r.generation());
+            (r, busy)
+        });
+        let p = PrimarySender::connect(&addr, &cfg, &h).unwrap();
+        let (r, _busy) = b.join().unwrap();
+        p.send(entry(0)).unwrap();
+        let second = PrimarySender::connect(&addr, &cfg, &h).unwrap_err();
+        assert!(
+            matches!(
+                second,
+                ChannelError::Refused(Refusal::Busy { generation: 4 })
+            ),
+            "{second:?}"
+        );
+        let mut http = TcpStream::connect(&addr).unwrap();
+        http.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        p.send(entry(1)).unwrap();
+        assert_eq!(r.next().unwrap().unwrap(), entry(0));
+        assert_eq!(r.next().unwrap().unwrap(), entry(1));
+        assert!(p.error().is_none() && r.error().is_none());
     });
 }
 
@@ -650,7 +799,7 @@ fn a_corrupted_byte_in_the_stream_is_a_checksum_error() {
 }
 
 #[test]
-fn a_stream_cut_inside_a_frame_is_a_truncation_error() {
+fn finding_4_a_stream_cut_inside_a_frame_is_the_primarys_death() {
     within(Duration::from_secs(5), || {
         let cfg = config(KEY);
         let ctl = Arc::new(Ctl {
@@ -667,10 +816,168 @@ fn a_stream_cut_inside_a_frame_is_a_truncation_error() {
         }
         let e = r.next().unwrap_err();
         assert!(
-            matches!(e.log_error(), Some(LogError::Truncated { at, .. }) if at.index == 13),
+            matches!(&e, ChannelError::PeerClosed { detail } if detail.contains("inside frame 13")),
+            "the end of the log, like a reset after the same bytes: {e:?}"
+        );
+        assert!(e.is_peer_death());
+    });
+}
+
+#[test]
+fn finding_11_close_works_while_other_threads_hold_the_sender() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let (p, r) = pair(&cfg, None);
+        let p = Arc::new(p);
+        let output_thread = p.clone();
+        for seq in 0..5 {
+            p.send(entry(seq)).unwrap();
+        }
+        let fin = p.close().unwrap();
+        assert_eq!(fin.received, Some(4));
+        assert_eq!(
+            p.close().unwrap(),
+            fin,
+            "closing again gives the same answer"
+        );
+        assert!(matches!(
+            output_thread.send(entry(5)),
+            Err(ChannelError::Closed)
+        ));
+        for seq in 0..5 {
+            assert_eq!(r.next().unwrap().unwrap().seq, seq);
+        }
+        assert!(r.next().unwrap().is_none(), "a clean close");
+    });
+}
+
+#[test]
+fn finding_11_a_full_receive_queue_stops_reading_the_socket() {
+    within(Duration::from_secs(5), || {
+        let mut cfg = config(KEY);
+        cfg.window = 16;
+        cfg.lag_bound = 16;
+        cfg.peer_timeout = Duration::from_secs(3);
+        let (p, r) = pair(&cfg, None);
+        let p = Arc::new(p);
+        let sent = Arc::new(AtomicU64::new(0));
+        let vcpu = {
+            let (p, sent) = (p.clone(), sent.clone());
+            thread::spawn(move || {
+                for seq in 0..200 {
+                    p.send(entry(seq)).unwrap();
+                    sent.store(seq + 1, Ordering::SeqCst);
+                }
+            })
+        };
+        thread::sleep(Duration::from_millis(400));
+        // Nothing taken: the backup holds about `queue_limit` (32) entries,
+        // the rest waits in TCP and in the primary's window.
+        let held = r.pending();
+        assert!(
+            (32..=64).contains(&held),
+            "{held} entries held with a limit of 32"
+        );
+        assert!(p.acked_received().is_some_and(|a| a < 64), "{:?}", p.acks());
+        assert!(sent.load(Ordering::SeqCst) < 100, "the sender stalls");
+        for seq in 0..200 {
+            assert_eq!(r.next().unwrap().unwrap().seq, seq);
+        }
+        vcpu.join().unwrap();
+        assert!(p.wait_received(199, Duration::from_secs(2)).unwrap());
+    });
+}
+
+#[test]
+fn finding_6_throttle_gives_up_on_a_backup_whose_replay_is_stuck() {
+    within(Duration::from_secs(5), || {
+        let mut cfg = config(KEY);
+        cfg.lag_bound = 10;
+        cfg.peer_timeout = Duration::from_millis(500);
+        cfg.keepalive_interval = Duration::from_millis(50);
+        let (p, r) = pair(&cfg, None);
+        for seq in 0..20 {
+            p.send(entry(seq)).unwrap();
+        }
+        assert!(p.wait_received(19, Duration::from_secs(2)).unwrap());
+        // Received, acked, never executed: the replay is stuck.
+        let t0 = Instant::now();
+        let e = p.throttle().unwrap_err();
+        assert!(
+            t0.elapsed() >= Duration::from_millis(450),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(matches!(e, ChannelError::PeerTimeout { .. }), "{e:?}");
+        assert!(e.to_string().contains("executed nothing"), "{e}");
+        assert!(e.is_peer_death());
+        assert!(p.send(entry(20)).is_err(), "the channel is dead");
+        for seq in 0..20 {
+            assert_eq!(r.next().unwrap().unwrap().seq, seq);
+        }
+        let be = r.next().unwrap_err();
+        assert!(
+            matches!(&be, ChannelError::PeerAborted { reason } if reason.contains("executed nothing")),
+            "the backup is told: {be:?}"
+        );
+    });
+}
+
+#[test]
+fn abort_declares_the_backup_dead_and_tells_it() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let (p, r) = pair(&cfg, None);
+        p.send(entry(0)).unwrap();
+        assert!(p.wait_received(0, Duration::from_secs(2)).unwrap());
+        p.abort("the backup's heartbeats stopped");
+        let e = p.send(entry(1)).unwrap_err();
+        assert!(
+            matches!(&e, ChannelError::DeclaredDead { reason } if reason.contains("heartbeats")),
             "{e:?}"
         );
-        assert!(e.to_string().contains("truncated in frame 13"), "{e}");
+        assert!(e.is_peer_death());
+        assert_eq!(r.next().unwrap().unwrap(), entry(0));
+        let be = r.next().unwrap_err();
+        assert!(
+            matches!(&be, ChannelError::PeerAborted { reason } if reason.contains("heartbeats")),
+            "{be:?}"
+        );
+    });
+}
+
+#[test]
+fn the_release_watermark_reaches_the_backup_after_its_entries() {
+    within(Duration::from_secs(5), || {
+        let cfg = config(KEY);
+        let (p, r) = pair(&cfg, None);
+        assert_eq!(r.released_through(), None);
+        for seq in 0..10 {
+            p.send(entry(seq)).unwrap();
+        }
+        assert!(p.wait_received(9, Duration::from_secs(2)).unwrap());
+        p.set_released_through(3);
+        p.set_released_through(6);
+        p.set_released_through(2); // lower: ignored
+        let t0 = Instant::now();
+        while r.released_through() != Some(6) && t0.elapsed() < Duration::from_secs(2) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(r.released_through(), Some(6));
+        // A watermark ahead of the entries waits for them.
+        p.set_released_through(12);
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(r.released_through(), Some(6));
+        for seq in 10..13 {
+            p.send(entry(seq)).unwrap();
+        }
+        assert!(p.wait_received(12, Duration::from_secs(2)).unwrap());
+        let t0 = Instant::now();
+        while r.released_through() != Some(12) && t0.elapsed() < Duration::from_secs(2) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(r.released_through(), Some(12));
+        p.close().unwrap();
     });
 }
 

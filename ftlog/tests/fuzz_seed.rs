@@ -1,6 +1,9 @@
 //! The fuzzer's seed is a valid log of the current format, so fuzzing
 //! starts from deep inside the decoder. `FTLOG_BLESS=1` rewrites it.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 #[test]

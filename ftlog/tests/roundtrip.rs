@@ -1,6 +1,9 @@
 //! Everything written comes back equal: frames, headers, whole logs, over
 //! buffers, dribbling readers and a real TCP socket.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::io::{self, Read};

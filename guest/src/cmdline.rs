@@ -37,7 +37,43 @@ pub struct Config {
     pub gw: u32,
     /// `port=N`: TCP port of the server.
     pub port: u16,
+    /// `mode=NAME`: the hash workload (default) or one of the test modes
+    /// (`crate::modes`).
+    pub mode: Mode,
+    /// `loops=N`: samples the `clockloop` mode takes.
+    pub loops: u64,
 }
+
+/// What the guest runs after boot (`mode=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The hash workload (or the network service with `net=1`).
+    Hash,
+    /// `irqprint`: print the last digit of the tick count with interrupts on.
+    IrqPrint,
+    /// `irqclock`: the timer ISR reads ftclock as its first device access.
+    IrqClock,
+    /// `clockloop`: read ftclock (clock and entropy) and the PIT in a loop.
+    ClockLoop,
+    /// `ends`: power off a few ticks after boot, printing just before.
+    Ends,
+}
+
+impl Mode {
+    fn parse(s: &[u8]) -> Option<Mode> {
+        Some(match s {
+            b"hash" => Mode::Hash,
+            b"irqprint" => Mode::IrqPrint,
+            b"irqclock" => Mode::IrqClock,
+            b"clockloop" => Mode::ClockLoop,
+            b"ends" => Mode::Ends,
+            _ => return None,
+        })
+    }
+}
+
+/// Samples `mode=clockloop` takes unless `loops=` says otherwise.
+pub const DEFAULT_LOOPS: u64 = 100;
 
 /// 10.99.0.2/24.
 pub const DEFAULT_IP: u32 = 0x0a63_0002;
@@ -93,6 +129,8 @@ pub fn parse(line: &[u8]) -> Config {
     let mut prefix = DEFAULT_PREFIX;
     let mut gw = 0;
     let mut port = DEFAULT_PORT;
+    let mut mode = Mode::Hash;
+    let mut loops = DEFAULT_LOOPS;
     for word in line.split(|&b| b == b' ').filter(|w| !w.is_empty()) {
         let (key, value) = match word.iter().position(|&b| b == b'=') {
             Some(i) => (&word[..i], &word[i + 1..]),
@@ -136,6 +174,17 @@ pub fn parse(line: &[u8]) -> Config {
                 }
                 None => false,
             },
+            (b"loops", Some(v)) => {
+                loops = v;
+                true
+            }
+            (b"mode", _) => match Mode::parse(value) {
+                Some(m) => {
+                    mode = m;
+                    true
+                }
+                None => false,
+            },
             (b"gw", _) => match parse_ipv4(value) {
                 Some(a) => {
                     gw = a;
@@ -143,7 +192,11 @@ pub fn parse(line: &[u8]) -> Config {
                 }
                 None => false,
             },
-            (b"hz" | b"ticks" | b"work" | b"digest_every" | b"user" | b"net" | b"port", _) => false,
+            (
+                b"hz" | b"ticks" | b"work" | b"digest_every" | b"user" | b"net" | b"port"
+                | b"loops",
+                _,
+            ) => false,
             _ => {
                 warn("unknown key", word);
                 continue;
@@ -164,6 +217,8 @@ pub fn parse(line: &[u8]) -> Config {
         prefix,
         gw,
         port,
+        mode,
+        loops,
     }
 }
 

@@ -17,10 +17,22 @@ pub enum Source {
 
 /// One fresh 64-bit sample (non-deterministic: the VMM logs it).
 pub fn read(source: Source) -> u64 {
-    // SAFETY: ftclock's ports: select, then low half (takes the sample),
-    // then the high half of the same sample.
+    select(source);
+    read_selected()
+}
+
+/// Chooses what the next samples are of.
+pub fn select(source: Source) {
+    // SAFETY: ftclock's select register only chooses the source.
+    unsafe { io::outb(SELECT, source as u8) };
+}
+
+/// A fresh sample of the selected source: the low half (which takes the
+/// sample), then the high half of the same sample. No port write, so the
+/// first exit is a logged read (the `irqclock` test mode relies on it).
+pub fn read_selected() -> u64 {
+    // SAFETY: ftclock's sample ports; reads have no effect but sampling.
     unsafe {
-        io::outb(SELECT, source as u8);
         let lo = io::inl(SAMPLE_LO);
         let hi = io::inl(SAMPLE_HI);
         (u64::from(hi) << 32) | u64::from(lo)

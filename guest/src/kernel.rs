@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering:
 
 use crate::cmdline::Config;
 use crate::idt::Frame;
-use crate::{pic, pit, power, serial, workload};
+use crate::{ftclock, pic, pit, power, serial, workload};
 
 /// Timer ticks so far. The user loop reads it every iteration.
 static TICKS: AtomicU64 = AtomicU64::new(0);
@@ -46,8 +46,33 @@ pub fn mix(h: u64, x: u64) -> u64 {
     v ^ (v >> 29)
 }
 
-fn mix_state(x: u64) {
+pub fn mix_state(x: u64) {
     STATE.store(mix(STATE.load(Relaxed), x), Relaxed);
+}
+
+/// The state digest so far.
+pub fn state() -> u64 {
+    STATE.load(Relaxed)
+}
+
+/// Timer ticks so far.
+pub fn ticks() -> u64 {
+    TICKS.load(Relaxed)
+}
+
+/// `mode=irqclock`: the timer ISR samples ftclock (already selected to the
+/// clock) before anything else, and keeps the sample here.
+static CLOCK_IN_ISR: AtomicBool = AtomicBool::new(false);
+static ISR_CLOCK: AtomicU64 = AtomicU64::new(0);
+
+/// Makes the timer ISR read the clock first (see `CLOCK_IN_ISR`).
+pub fn set_clock_in_isr() {
+    CLOCK_IN_ISR.store(true, Relaxed);
+}
+
+/// The clock sample the latest timer ISR took (`mode=irqclock`).
+pub fn isr_clock() -> u64 {
+    ISR_CLOCK.load(Relaxed)
 }
 
 /// Where the workload finds TICKS and BREAK_AT.
@@ -81,6 +106,11 @@ fn update_break_at() {
 
 /// IRQ0: count the tick and fold in exactly where it landed.
 pub fn timer_irq(frame: &Frame) {
+    if CLOCK_IN_ISR.load(Relaxed) {
+        let c = ftclock::read_selected();
+        ISR_CLOCK.store(c, Relaxed);
+        mix_state(c);
+    }
     let t = TICKS.load(Relaxed) + 1;
     TICKS.store(t, Relaxed);
     mix_state(frame.rip);
@@ -153,7 +183,7 @@ fn echo_rx() {
 }
 
 /// Folds a PIT counter read into the state, then the state with `h`.
-fn digest(h: u64) -> u64 {
+pub fn digest(h: u64) -> u64 {
     mix_state(u64::from(pit::read_counter()));
     mix(STATE.load(Relaxed), h)
 }

@@ -15,6 +15,7 @@ mod idt;
 mod io;
 mod kernel;
 mod mem;
+mod modes;
 mod net;
 mod pic;
 mod pit;
@@ -51,6 +52,9 @@ extern "C" fn kmain(boot_params: usize) -> ! {
     serial::puts("\n");
 
     kernel::start(&cfg, clock, seed);
+    if cfg.mode != cmdline::Mode::Hash {
+        modes::run(&cfg)
+    }
     if cfg.net {
         net::start(&cfg, seed)
     }

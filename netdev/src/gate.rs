@@ -6,6 +6,12 @@
 //! produced: otherwise a failover could show the world an output the new
 //! primary never produces. The guest is never stalled by this; outputs are
 //! tagged when produced and held here until the acknowledgement arrives.
+//!
+//! The gate is bounded without ever losing an output: `hold` always takes
+//! the output, and [`OutputGate::is_full`] tells the caller (the primary's
+//! vCPU thread, at its next execution point) to stall the guest until the
+//! held outputs drain to half the limit ([`OutputGate::wait_room`]). That
+//! is the only time the output rule stalls the guest.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -15,6 +21,11 @@ use std::time::{Duration, Instant};
 /// no logged input and may go at once).
 pub type Tag = Option<u64>;
 
+/// Default most outputs held before the guest is stalled: console bytes
+/// come one per output, so this is 16 KiB of console or 16 Ki frames
+/// waiting for one acknowledgement.
+pub const DEFAULT_LIMIT: usize = 16 * 1024;
+
 #[derive(Debug)]
 struct State<T> {
     held: VecDeque<(Tag, Instant, T)>,
@@ -22,6 +33,7 @@ struct State<T> {
     open: bool,
     released: u64,
     max_held: usize,
+    limit: usize,
 }
 
 impl<T> State<T> {
@@ -40,9 +52,10 @@ impl<T> State<T> {
     fn release(&mut self) -> Vec<Released<T>> {
         let mut out = Vec::new();
         while self.front_releasable() {
-            if let Some((_, at, item)) = self.held.pop_front() {
+            if let Some((tag, at, item)) = self.held.pop_front() {
                 out.push(Released {
                     item,
+                    tag,
                     held_for: at.elapsed(),
                 });
             }
@@ -72,6 +85,8 @@ impl<T> Clone for OutputGate<T> {
 pub struct Released<T> {
     /// The output.
     pub item: T,
+    /// The tag it was held with.
+    pub tag: Tag,
     /// Time between holding and release.
     pub held_for: Duration,
 }
@@ -83,8 +98,14 @@ impl<T> Default for OutputGate<T> {
 }
 
 impl<T> OutputGate<T> {
-    /// A gate that holds outputs until acknowledged.
+    /// A gate that holds outputs until acknowledged, stalling the guest
+    /// beyond [`DEFAULT_LIMIT`] held outputs.
     pub fn new() -> Self {
+        Self::with_limit(DEFAULT_LIMIT)
+    }
+
+    /// A gate that counts as full with `limit` outputs held (at least 2).
+    pub fn with_limit(limit: usize) -> Self {
         OutputGate {
             inner: Arc::new((
                 Mutex::new(State {
@@ -93,6 +114,7 @@ impl<T> OutputGate<T> {
                     open: false,
                     released: 0,
                     max_held: 0,
+                    limit: limit.max(2),
                 }),
                 Condvar::new(),
             )),
@@ -110,8 +132,10 @@ impl<T> OutputGate<T> {
             // update below is a single push, pop or assignment.
             Err(p) => p.into_inner(),
         };
+        let before = s.held.len();
         let r = f(&mut s);
-        if s.front_releasable() {
+        // Wake the releaser, or a vCPU waiting for room.
+        if s.front_releasable() || s.held.len() < before {
             cv.notify_all();
         }
         r
@@ -130,8 +154,10 @@ impl<T> OutputGate<T> {
         self.with(|s| s.acked = Some(s.acked.map_or(seq, |a| a.max(seq))));
     }
 
-    /// Release everything from now on without waiting (no backup: the
-    /// primary runs alone after winning the arbiter, or never had one).
+    /// Release everything from now on without waiting, acknowledged or
+    /// not. Only a side that runs alone may do this: one that won the
+    /// arbiter, or a VM that never had a backup. (ftvmm calls it only
+    /// through a proof of winning the arbiter.)
     pub fn open(&self) {
         self.with(|s| s.open = true);
     }
@@ -147,6 +173,26 @@ impl<T> OutputGate<T> {
     /// hold, an open), then take it. The check and the wait are one step
     /// under the lock, so a wake-up between them is not lost.
     pub fn wait_released(&self, timeout: Duration) -> Vec<Released<T>> {
+        let out = self.wait_for(timeout, |s| {
+            let out = s.release();
+            (!out.is_empty()).then_some(out)
+        });
+        match out {
+            Some(out) => {
+                self.inner.1.notify_all(); // room for a stalled vCPU
+                out
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Wait up to `timeout` until `ready` gives something, checking it
+    /// under the lock at every wake-up.
+    fn wait_for<R>(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut(&mut State<T>) -> Option<R>,
+    ) -> Option<R> {
         let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.inner;
         let mut s = match m.lock() {
@@ -154,10 +200,12 @@ impl<T> OutputGate<T> {
             Err(p) => p.into_inner(),
         };
         loop {
-            let out = s.release();
+            if let Some(r) = ready(&mut s) {
+                return Some(r);
+            }
             let now = Instant::now();
-            if !out.is_empty() || now >= deadline {
-                return out;
+            if now >= deadline {
+                return None;
             }
             s = match cv.wait_timeout(s, deadline - now) {
                 Ok((g, _)) => g,
@@ -169,6 +217,20 @@ impl<T> OutputGate<T> {
     /// Outputs held right now.
     pub fn held(&self) -> usize {
         self.with(|s| s.held.len())
+    }
+
+    /// Whether the limit is reached: the guest should be stalled at its
+    /// next point until [`wait_room`](OutputGate::wait_room) says it
+    /// drained. `hold` still takes every output meanwhile.
+    pub fn is_full(&self) -> bool {
+        self.with(|s| s.held.len() >= s.limit)
+    }
+
+    /// Wait up to `timeout` until at most half the limit is held; returns
+    /// whether it is.
+    pub fn wait_room(&self, timeout: Duration) -> bool {
+        self.wait_for(timeout, |s| (s.held.len() <= s.limit / 2).then_some(()))
+            .is_some()
     }
 
     /// Drop everything held (a backup discards its own outputs; a primary
@@ -233,6 +295,28 @@ mod tests {
         g.hold(Some(100), "y");
         g.open();
         assert_eq!(items(g.take_released()), ["y"]);
+    }
+
+    #[test]
+    fn finding_11_a_full_gate_loses_nothing_and_reports_room_once_half_drained() {
+        let g = OutputGate::with_limit(4);
+        for i in 0..6u64 {
+            g.hold(Some(i), i);
+        }
+        assert_eq!(g.held(), 6, "hold never drops an output");
+        assert!(g.is_full());
+        assert!(!g.wait_room(Duration::from_millis(20)));
+        let g2 = g.clone();
+        let waiter = std::thread::spawn(move || g2.wait_room(Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(20));
+        g.ack(3);
+        let released = g.take_released();
+        assert_eq!(
+            released.iter().map(|r| (r.item, r.tag)).collect::<Vec<_>>(),
+            [(0, Some(0)), (1, Some(1)), (2, Some(2)), (3, Some(3))]
+        );
+        assert!(waiter.join().unwrap(), "woken by the release");
+        assert!(!g.is_full());
     }
 
     #[test]

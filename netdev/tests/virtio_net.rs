@@ -1,6 +1,9 @@
 //! virtio-net driven by a minimal driver written against the virtio 1.x
 //! spec: registers, feature negotiation, transmit, receive, snapshots.
 
+// Test and bench code: a panic is how a failure is reported.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::{Arc, Mutex};
 
 use netdev::virtio_net::{NET_HDR_LEN, RX_QUEUE, TX_QUEUE};

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod pair;
+
 use ftvmm::console::Capture;
 use vmm::clock::ClockMode;
 use vmm::devices::ftclock::Entropy;

@@ -41,10 +41,10 @@ impl Write for Watch {
             self.line.clear();
             let t = self.start.elapsed().as_secs_f64();
             if MILESTONES.iter().any(|m| l.contains(m)) {
-                self.marks.lock().unwrap().push((t, l.clone()));
+                self.marks.lock().expect("lock").push((t, l.clone()));
             }
             if l.contains(&self.stop_at) {
-                if let Some(i) = self.inputs.lock().unwrap().as_ref() {
+                if let Some(i) = self.inputs.lock().expect("lock").as_ref() {
                     i.request_stop();
                 }
             }
@@ -80,12 +80,12 @@ fn main() {
     };
     let cfg = MachineConfig::new(256, &cmdline, Box::new(watch));
     let mut m = Machine::new(cfg, &image).expect("create VM");
-    *inputs.lock().unwrap() = Some(m.host_inputs());
+    *inputs.lock().expect("lock") = Some(m.host_inputs());
     let end = m.run(&mut vmm::Live);
     let secs = start.elapsed().as_secs_f64();
     eprintln!();
     eprintln!("run ended after {secs:.1} s: {end:?}");
-    for (t, l) in marks.lock().unwrap().iter() {
+    for (t, l) in marks.lock().expect("lock").iter() {
         eprintln!("  {t:6.1} s  {l}");
     }
     eprintln!("emulated: {}", m.emulation_stats());

@@ -66,9 +66,8 @@ impl Kicker {
     /// A kicker for the calling thread.
     pub fn current() -> Self {
         // SAFETY: pthread_self has no preconditions.
-        Kicker {
-            thread: unsafe { libc::pthread_self() },
-        }
+        let thread = unsafe { libc::pthread_self() };
+        Kicker { thread }
     }
 
     /// Interrupt the vCPU.

@@ -7,6 +7,7 @@ pub mod arch;
 pub mod clock;
 pub mod devices;
 pub mod digest;
+pub mod dirty;
 pub mod emulate;
 mod error;
 pub mod inputs;

@@ -28,6 +28,7 @@ pub struct ChannelSource {
     peeked: Option<LogEntry>,
     ended: Option<ChannelError>,
     closed: bool,
+    saw_end: bool,
 }
 
 impl ChannelSource {
@@ -38,7 +39,14 @@ impl ChannelSource {
             peeked: None,
             ended: None,
             closed: false,
+            saw_end: false,
         }
+    }
+
+    /// Whether the log's end marker was consumed: a log that closed
+    /// cleanly must have had one.
+    pub fn saw_end(&self) -> bool {
+        self.saw_end
     }
 
     /// Why the log ended, if the primary died (None: a clean close, or not
@@ -76,6 +84,7 @@ impl LogSource for ChannelSource {
 
     fn advance(&mut self) {
         if let Some(e) = self.peeked.take() {
+            self.saw_end |= matches!(e.kind, EntryKind::End { .. });
             if let Err(err) = self.rx.report_executed(e.seq) {
                 tracing::debug!("cannot report progress to the primary: {err}");
             }

@@ -10,7 +10,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::wire::{
     encode_preamble, nonce, prove, read_preamble, verify, FrameReader, FrameWriter, Msg, Prover,
@@ -28,12 +28,23 @@ pub struct BackupExpect {
     pub image_digest: [u8; 32],
 }
 
-/// A listening backup. Accepts one primary at a time; a refused primary
-/// leaves the listener usable.
+/// Decides whether the pairing generation a primary offers may pair with
+/// this backup (see [`BackupListener::with_generation_check`]).
+type GenerationCheck = Arc<dyn Fn(u64) -> Result<(), Refusal> + Send + Sync>;
+
+/// Most handshakes run at once; further connections wait in the kernel's
+/// backlog until one finishes (each is bounded by the handshake timeout).
+const MAX_HANDSHAKES: usize = 8;
+
+/// A listening backup. Connections are handshaken concurrently, so a
+/// stranger that connects and stays silent does not delay the primary;
+/// every connection that fails the handshake (a stranger, a refused
+/// primary) is reported and closed, and the listener keeps waiting.
 pub struct BackupListener {
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     config: ChannelConfig,
     expect: BackupExpect,
+    check: GenerationCheck,
     rt: Option<Arc<Runtime>>,
 }
 
@@ -47,7 +58,11 @@ impl std::fmt::Debug for BackupListener {
 }
 
 impl BackupListener {
-    /// Listen on `addr` ("host:port"; port 0 picks a free one).
+    /// Listen on `addr` ("host:port"; port 0 picks a free one). Every
+    /// generation is accepted until [`with_generation_check`] says
+    /// otherwise.
+    ///
+    /// [`with_generation_check`]: BackupListener::with_generation_check
     pub fn bind(
         addr: &str,
         config: &ChannelConfig,
@@ -63,11 +78,25 @@ impl BackupListener {
                 source: Arc::new(e),
             })?;
         Ok(BackupListener {
-            listener,
+            listener: Arc::new(listener),
             config: config.clone(),
             expect,
+            check: Arc::new(|_| Ok(())),
             rt: Some(Arc::new(rt)),
         })
+    }
+
+    /// Decide, for a primary that proved the key and matches the backend
+    /// and image, whether the pairing generation it offers may pair with
+    /// this backup; an `Err` is sent to the primary as the refusal. Called
+    /// during each handshake (so it sees the arbiter as it is then), from
+    /// the channel's I/O thread: keep it short.
+    pub fn with_generation_check(
+        mut self,
+        check: impl Fn(u64) -> Result<(), Refusal> + Send + Sync + 'static,
+    ) -> Self {
+        self.check = Arc::new(check);
+        self
     }
 
     /// The address it listens on.
@@ -77,21 +106,30 @@ impl BackupListener {
             .map_err(|e| ChannelError::io("reading the listening address", e))
     }
 
-    /// Wait for a primary and run the handshake, up to and including the
-    /// log header. A primary that fails a check is refused (it is told
-    /// why) and this returns [`ChannelError::Rejected`] naming the reason.
+    /// Wait for a primary that passes the handshake, up to and including
+    /// the log header. Connections that fail it are refused (a primary is
+    /// told why), logged with `tracing::warn`, and do not end the wait.
     pub fn accept(&self) -> Result<BackupReceiver, ChannelError> {
-        self.accept_inner(None)
+        self.accept_reporting(None, log_refusal)
     }
 
     /// [`accept`](BackupListener::accept), giving up with
-    /// [`ChannelError::PeerTimeout`] if no primary connects within
-    /// `timeout`.
+    /// [`ChannelError::PeerTimeout`] if no primary passes the handshake
+    /// within `timeout`.
     pub fn accept_timeout(&self, timeout: Duration) -> Result<BackupReceiver, ChannelError> {
-        self.accept_inner(Some(timeout))
+        self.accept_reporting(Some(timeout), log_refusal)
     }
 
-    fn accept_inner(&self, wait: Option<Duration>) -> Result<BackupReceiver, ChannelError> {
+    /// [`accept`](BackupListener::accept) with an optional overall
+    /// `timeout`, calling `on_refused(peer, error)` for every connection
+    /// that failed the handshake: [`ChannelError::NotAChannel`] for a
+    /// stranger, [`ChannelError::Rejected`] for a refused primary, and so
+    /// on. Only a timeout or a closed listener end the wait with an error.
+    pub fn accept_reporting(
+        &self,
+        timeout: Option<Duration>,
+        mut on_refused: impl FnMut(SocketAddr, &ChannelError),
+    ) -> Result<BackupReceiver, ChannelError> {
         let Some(rt) = self.rt.clone() else {
             return Err(ChannelError::Closed);
         };
@@ -102,84 +140,128 @@ impl BackupListener {
                     .into(),
             ));
         }
-        let config = &self.config;
-        let (stream, peer) = rt.block_on(async {
-            let accept = self.listener.accept();
-            let r = match wait {
-                Some(d) => tokio::time::timeout(d, accept).await.map_err(|_| {
+        let serving = serve(
+            &self.listener,
+            &self.config,
+            self.expect,
+            &self.check,
+            &mut on_refused,
+        );
+        let (paired, peer) = rt.block_on(async {
+            match timeout {
+                Some(d) => tokio::time::timeout(d, serving).await.map_err(|_| {
                     ChannelError::PeerTimeout {
                         what: "no primary connected".into(),
                         waited: d,
                     }
                 })?,
-                None => accept.await,
-            };
-            r.map_err(|e| ChannelError::io("accepting a primary", e))
-        })?;
-        let hs = rt.block_on(async {
-            tokio::time::timeout(
-                config.handshake_timeout,
-                handshake(stream, config, &self.expect),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(ChannelError::PeerTimeout {
-                    what: format!("handshake with the primary at {peer} not finished"),
-                    waited: config.handshake_timeout,
-                })
-            })
-        });
-        let (rd, wr, fr, fw, header) = match hs {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "primary refused");
-                return Err(e);
+                None => serving.await,
             }
-        };
-        let shared = Arc::new(Shared {
-            st: Mutex::new(State {
-                queue: VecDeque::new(),
-                received: None,
-                executed: None,
-                error: None,
-                close_requested: false,
-                closed: false,
-            }),
-            cv: Condvar::new(),
-            wake: Notify::new(),
+        })?;
+        Ok(BackupReceiver::start(rt, paired, peer, &self.config))
+    }
+
+    /// Stop waiting for a primary: from now on every connection is refused
+    /// (a primary that proves the key is told [`Refusal::Busy`] with
+    /// `generation`), in the background, until the returned handle is
+    /// dropped. A backup that is replaying keeps its port answering this
+    /// way, so a second primary or a stranger learns why and nothing
+    /// disturbs the replay.
+    pub fn refuse_all(mut self, generation: u64) -> BusyListener {
+        let rt = self.rt.take();
+        let task = rt.as_ref().map(|rt| {
+            let listener = self.listener.clone();
+            let config = self.config.clone();
+            let expect = self.expect;
+            let busy: GenerationCheck = Arc::new(move |_| Err(Refusal::Busy { generation }));
+            rt.spawn(async move {
+                let mut report = log_refusal;
+                // `serve` only returns for a primary the check accepted,
+                // which the busy check never does.
+                while serve(&listener, &config, expect, &busy, &mut report)
+                    .await
+                    .is_ok()
+                {}
+            })
         });
-        let reader = {
-            let shared = shared.clone();
-            let timeout = config.peer_timeout;
-            rt.spawn(async move {
-                if let Err(e) = read_loop(&shared, rd, fr, timeout).await {
-                    shared.fail(e);
-                }
-            })
-        };
-        let writer = {
-            let shared = shared.clone();
-            let keepalive = config.keepalive_interval;
-            rt.spawn(async move {
-                if let Err(e) = write_loop(&shared, wr, fw, keepalive).await {
-                    shared.fail(e);
-                }
-            })
-        };
-        tracing::info!(%peer, backend = %header.backend, "primary accepted on the logging channel");
-        Ok(BackupReceiver {
-            shared,
-            tasks: vec![reader, writer],
-            rt: Some(rt),
-            header,
-            peer,
-        })
+        BusyListener { task, rt }
     }
 }
 
 impl Drop for BackupListener {
     fn drop(&mut self) {
         release(self.rt.take());
+    }
+}
+
+/// A backup's port after it paired: refuses every connection (see
+/// [`BackupListener::refuse_all`]) until dropped.
+pub struct BusyListener {
+    task: Option<JoinHandle<()>>,
+    rt: Option<Arc<Runtime>>,
+}
+
+impl std::fmt::Debug for BusyListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusyListener").finish_non_exhaustive()
+    }
+}
+
+impl Drop for BusyListener {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        release(self.rt.take());
+    }
+}
+
+/// The default report of a refused connection.
+fn log_refusal(peer: SocketAddr, e: &ChannelError) {
+    tracing::warn!(%peer, error = %e, "refused a connection on the logging channel");
+}
+
+/// Accept connections and handshake them concurrently until one passes;
+/// report each that fails.
+async fn serve(
+    listener: &TcpListener,
+    config: &ChannelConfig,
+    expect: BackupExpect,
+    check: &GenerationCheck,
+    on_refused: &mut impl FnMut(SocketAddr, &ChannelError),
+) -> Result<(Paired, SocketAddr), ChannelError> {
+    let mut handshakes = JoinSet::new();
+    loop {
+        tokio::select! {
+            r = listener.accept(), if handshakes.len() < MAX_HANDSHAKES => match r {
+                Ok((stream, peer)) => {
+                    let (config, check) = (config.clone(), check.clone());
+                    handshakes.spawn(async move {
+                        let limit = config.handshake_timeout;
+                        let hs = handshake(stream, &config, &expect, &check);
+                        let r = tokio::time::timeout(limit, hs).await.unwrap_or_else(|_| {
+                            Err(ChannelError::PeerTimeout {
+                                what: format!("handshake with {peer} not finished"),
+                                waited: limit,
+                            })
+                        });
+                        (peer, r)
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors, a connection reset while queued:
+                    // nothing a stranger can make us exit for.
+                    tracing::warn!(error = %e, "cannot accept a connection on the logging channel");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(done) = handshakes.join_next(), if !handshakes.is_empty() => match done {
+                // Dropping the set cuts the other handshakes.
+                Ok((peer, Ok(paired))) => return Ok((paired, peer)),
+                Ok((peer, Err(e))) => on_refused(peer, &e),
+                Err(e) => tracing::warn!(error = %e, "a logging channel handshake task failed"),
+            },
+        }
     }
 }
 
@@ -199,6 +281,10 @@ struct Shared {
     cv: Condvar,
     /// Wakes the ack writer.
     wake: Notify,
+    /// Wakes the reader when the replayer made room in a full queue.
+    room: Notify,
+    /// The reader stops reading the socket while this many entries wait.
+    queue_limit: usize,
 }
 
 struct State {
@@ -206,6 +292,8 @@ struct State {
     queue: VecDeque<LogEntry>,
     received: Option<u64>,
     executed: Option<u64>,
+    /// The primary's release watermark.
+    released_through: Option<u64>,
     /// The channel's fatal error, once it has one.
     error: Option<ChannelError>,
     /// The primary asked to close; the ack writer answers.
@@ -241,18 +329,81 @@ pub struct BackupReceiver {
     rt: Option<Arc<Runtime>>,
     header: LogHeader,
     peer: SocketAddr,
+    generation: u64,
 }
 
 impl std::fmt::Debug for BackupReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackupReceiver")
             .field("peer", &self.peer)
+            .field("generation", &self.generation)
             .field("acks", &self.acks())
             .finish_non_exhaustive()
     }
 }
 
 impl BackupReceiver {
+    /// Start the I/O tasks for a primary that passed the handshake.
+    fn start(rt: Arc<Runtime>, p: Paired, peer: SocketAddr, config: &ChannelConfig) -> Self {
+        let shared = Arc::new(Shared {
+            st: Mutex::new(State {
+                queue: VecDeque::new(),
+                received: None,
+                executed: None,
+                released_through: None,
+                error: None,
+                close_requested: false,
+                closed: false,
+            }),
+            cv: Condvar::new(),
+            wake: Notify::new(),
+            room: Notify::new(),
+            queue_limit: config.queue_limit().max(1),
+        });
+        let reader = {
+            let shared = shared.clone();
+            let timeout = config.peer_timeout;
+            let (rd, fr) = (p.rd, p.fr);
+            rt.spawn(async move {
+                if let Err(e) = read_loop(&shared, rd, fr, timeout).await {
+                    shared.fail(e);
+                }
+            })
+        };
+        let writer = {
+            let shared = shared.clone();
+            let keepalive = config.keepalive_interval;
+            let (wr, fw) = (p.wr, p.fw);
+            rt.spawn(async move {
+                if let Err(e) = write_loop(&shared, wr, fw, keepalive).await {
+                    shared.fail(e);
+                }
+            })
+        };
+        tracing::info!(%peer, backend = %p.header.backend, generation = p.generation,
+            "primary accepted on the logging channel");
+        BackupReceiver {
+            shared,
+            tasks: vec![reader, writer],
+            rt: Some(rt),
+            header: p.header,
+            peer,
+            generation: p.generation,
+        }
+    }
+
+    /// The pairing generation the primary offered (and the generation
+    /// check accepted): the one to use with the arbiter.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The primary's release watermark: it has put out every output whose
+    /// log entry is at or below this seq (None: nothing reported yet).
+    /// Outputs with later entries may or may not have reached the world.
+    pub fn released_through(&self) -> Option<u64> {
+        lock(&self.shared.st).released_through
+    }
     /// The log header the primary sent.
     pub fn header(&self) -> &LogHeader {
         &self.header
@@ -277,6 +428,9 @@ impl BackupReceiver {
         let mut st = lock(&self.shared.st);
         loop {
             if let Some(e) = st.queue.pop_front() {
+                if st.queue.len() + 1 >= self.shared.queue_limit {
+                    self.shared.room.notify_one();
+                }
                 return Ok(Some(e));
             }
             if let Some(e) = &st.error {
@@ -354,21 +508,25 @@ impl Drop for BackupReceiver {
     }
 }
 
-type Handshaken = (
-    OwnedReadHalf,
-    OwnedWriteHalf,
-    FrameReader,
-    FrameWriter,
-    LogHeader,
-);
+/// A connection that passed the handshake.
+struct Paired {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    fr: FrameReader,
+    fw: FrameWriter,
+    header: LogHeader,
+    generation: u64,
+}
 
 /// The backup's side of the handshake: check the version, the key, the
-/// backend and the image, in that order; then read the header.
+/// backend, the image and the generation, in that order; then read the
+/// header.
 async fn handshake(
     stream: TcpStream,
     config: &ChannelConfig,
     expect: &BackupExpect,
-) -> Result<Handshaken, ChannelError> {
+    check: &GenerationCheck,
+) -> Result<Paired, ChannelError> {
     stream
         .set_nodelay(true)
         .map_err(|e| ChannelError::io("setting TCP_NODELAY", e))?;
@@ -386,15 +544,16 @@ async fn handshake(
         };
         return Err(refuse(rd, wr, fw, why).await);
     }
-    let (backend, image_digest, primary_nonce) = match fr.next(&mut rd, "reading the hello").await?
-    {
-        Some(Msg::Hello {
-            backend,
-            image_digest,
-            nonce,
-        }) => (backend, image_digest, nonce),
-        other => return Err(unexpected(other, "hello")),
-    };
+    let (backend, image_digest, generation, primary_nonce) =
+        match fr.next(&mut rd, "reading the hello").await? {
+            Some(Msg::Hello {
+                backend,
+                image_digest,
+                generation,
+                nonce,
+            }) => (backend, image_digest, generation, nonce),
+            other => return Err(unexpected(other, "hello")),
+        };
     let backup_nonce = nonce()?;
     fw.send(
         &mut wr,
@@ -408,6 +567,7 @@ async fn handshake(
         version,
         backend,
         image_digest,
+        generation,
         primary_nonce,
         backup_nonce,
     };
@@ -418,6 +578,7 @@ async fn handshake(
     if !verify(&config.key, Prover::Primary, &t, &mac)? {
         return Err(refuse(rd, wr, fw, Refusal::WrongKey).await);
     }
+    fr.authenticated();
     if backend != expect.backend {
         let why = Refusal::Backend {
             primary: backend,
@@ -430,6 +591,9 @@ async fn handshake(
             primary: image_digest,
             backup: expect.image_digest,
         };
+        return Err(refuse(rd, wr, fw, why).await);
+    }
+    if let Err(why) = check(generation) {
         return Err(refuse(rd, wr, fw, why).await);
     }
     let mac = prove(&config.key, Prover::Backup, &t)?;
@@ -446,7 +610,14 @@ async fn handshake(
             header.backend
         )));
     }
-    Ok((rd, wr, fr, fw, header))
+    Ok(Paired {
+        rd,
+        wr,
+        fr,
+        fw,
+        header,
+        generation,
+    })
 }
 
 /// Tell the primary why it is refused, close without losing that message
@@ -508,6 +679,7 @@ async fn read_loop(
     loop {
         let mut closed = false;
         let mut failure = None;
+        let mut released = None;
         loop {
             let at = fr.pos();
             match fr.next_buffered() {
@@ -535,6 +707,16 @@ async fn read_loop(
                     batch.push(e);
                 }
                 Ok(Some(Msg::Keepalive)) => {}
+                Ok(Some(Msg::Released { through })) => {
+                    if through >= next_seq {
+                        failure = Some(ChannelError::Protocol(format!(
+                            "the primary reports outputs released through entry {through} in \
+                             {at}, but only {next_seq} entries arrived"
+                        )));
+                        break;
+                    }
+                    released = Some(through);
+                }
                 Ok(Some(Msg::Close)) => {
                     closed = true;
                     break;
@@ -559,13 +741,14 @@ async fn read_loop(
         }
         // Entries that arrived intact before a failure are still delivered
         // (and acknowledged): the backup replays all it has on failover.
-        if !batch.is_empty() || closed {
+        if !batch.is_empty() || closed || released.is_some() {
             let mut st = lock(&shared.st);
             if let Some(last) = batch.last() {
                 st.received = Some(last.seq);
             }
             st.queue.extend(batch.drain(..));
             st.close_requested |= closed;
+            st.released_through = st.released_through.max(released);
             drop(st);
             shared.cv.notify_all();
             shared.wake.notify_one();
@@ -575,6 +758,13 @@ async fn read_loop(
         }
         if closed {
             return Ok(());
+        }
+        // Backpressure: with the queue full, leave the bytes in the socket
+        // so TCP stops the primary. The primary's silence meanwhile is ours,
+        // not its death.
+        while lock(&shared.st).queue.len() >= shared.queue_limit {
+            shared.room.notified().await;
+            last_rx = Instant::now();
         }
         let left = timeout.saturating_sub(last_rx.elapsed());
         tokio::select! {
@@ -609,7 +799,7 @@ async fn write_loop(
         let (acks, closed) = {
             let st = lock(&shared.st);
             if let Some(e) = &st.error {
-                break (!e.is_peer_death()).then(|| e.to_string());
+                break e.abort_reason();
             }
             (
                 Acks {

@@ -38,6 +38,21 @@ pub enum Refusal {
         /// The backup's image digest.
         backup: [u8; 32],
     },
+    /// The primary offers a pairing generation that is already decided (or
+    /// older than one that is) in the backup's arbiter directory: it
+    /// belongs to an earlier pairing, or the two sides were given different
+    /// arbiter directories.
+    Generation {
+        /// The generation the primary offered.
+        offered: u64,
+        /// The latest generation decided in the backup's arbiter.
+        latest_decided: u64,
+    },
+    /// The backup is already paired with a primary and replaying its log.
+    Busy {
+        /// The generation of the pairing it serves.
+        generation: u64,
+    },
 }
 
 /// The first bytes of a digest in hex, enough to tell two apart.
@@ -65,6 +80,20 @@ impl fmt::Display for Refusal {
                 "guest image mismatch: the primary booted image {}.., the backup has image {}..",
                 short_hex(primary),
                 short_hex(backup)
+            ),
+            Refusal::Generation {
+                offered,
+                latest_decided,
+            } => write!(
+                f,
+                "pairing generation mismatch: the primary offers generation {offered}, but \
+                 generation {latest_decided} is already decided in the backup's arbiter \
+                 directory (the primary belongs to an older pairing, or the two sides use \
+                 different arbiter directories)"
+            ),
+            Refusal::Busy { generation } => write!(
+                f,
+                "the backup is busy: it is already paired with a primary (generation {generation})"
             ),
         }
     }
@@ -153,6 +182,15 @@ pub enum ChannelError {
         reason: String,
     },
 
+    /// This side declared the peer dead although its connection is up (its
+    /// heartbeats stopped, its replay made no progress): the channel was
+    /// cut on purpose and the peer was told why.
+    #[error("declared the peer dead: {reason}")]
+    DeclaredDead {
+        /// Why.
+        reason: String,
+    },
+
     /// The caller handed the sender an entry that breaks the log's order
     /// (seq not the next one, point count going down); nothing was sent.
     #[error("refused to send entry: {0}")]
@@ -194,7 +232,21 @@ impl ChannelError {
             ChannelError::PeerClosed { .. }
                 | ChannelError::PeerTimeout { .. }
                 | ChannelError::PeerAborted { .. }
+                | ChannelError::DeclaredDead { .. }
         )
+    }
+
+    /// What to tell the peer in an `Abort` before closing, when this side
+    /// ends the channel for a reason of its own (a damaged stream, a
+    /// protocol violation, declaring the peer dead). None when the peer is
+    /// the one that went away: there is nobody to tell.
+    pub(crate) fn abort_reason(&self) -> Option<String> {
+        match self {
+            // A silent peer may still be listening: tell it, in case.
+            ChannelError::PeerClosed { .. } | ChannelError::PeerAborted { .. } => None,
+            ChannelError::DeclaredDead { reason } => Some(reason.clone()),
+            e => Some(e.to_string()),
+        }
     }
 
     /// The log-format error inside, if this is one.

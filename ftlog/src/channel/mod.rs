@@ -18,16 +18,17 @@
 
 mod backup;
 mod error;
+pub mod inspect;
 mod primary;
 mod wire;
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-pub use backup::{BackupExpect, BackupListener, BackupReceiver};
+pub use backup::{BackupExpect, BackupListener, BackupReceiver, BusyListener};
 pub use error::{ChannelError, Refusal};
 pub use primary::{ChannelStats, PrimarySender};
-pub use wire::{CHANNEL_MAGIC, CHANNEL_PREAMBLE_LEN, PROTOCOL_VERSION};
+pub use wire::{CHANNEL_MAGIC, CHANNEL_PREAMBLE_LEN, PRE_AUTH_FRAME_LEN, PROTOCOL_VERSION};
 
 /// Settings both ends use. Build with [`ChannelConfig::new`] and adjust
 /// the fields.
@@ -58,6 +59,12 @@ pub struct ChannelConfig {
     /// [`PROTOCOL_VERSION`]; it is a field so that tests can exercise the
     /// version refusal.
     pub protocol_version: u32,
+    /// Primary: the pairing generation it offers in the handshake (the FT
+    /// control plane takes it from the arbiter; at least 1). The backup
+    /// learns it from the handshake ([`BackupReceiver::generation`]) and
+    /// decides whether to accept it with
+    /// [`BackupListener::with_generation_check`]. Default 1.
+    pub generation: u64,
 }
 
 impl ChannelConfig {
@@ -71,7 +78,17 @@ impl ChannelConfig {
             peer_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(5),
             protocol_version: PROTOCOL_VERSION,
+            generation: 1,
         }
+    }
+
+    /// Backup: most entries it holds received but not yet taken by the
+    /// replayer; at this many it stops reading the socket, so TCP
+    /// backpressure reaches the primary. A primary that throttles at the
+    /// same `lag_bound` never gets there: it holds at most `lag_bound`
+    /// entries unexecuted, and at most `window` more are unacknowledged.
+    pub fn queue_limit(&self) -> usize {
+        usize::try_from(self.window.saturating_add(self.lag_bound)).unwrap_or(usize::MAX)
     }
 
     /// Check the settings make sense together.
@@ -98,6 +115,11 @@ impl ChannelConfig {
         if self.handshake_timeout.is_zero() {
             return Err(ChannelError::Config("the handshake timeout is zero".into()));
         }
+        if self.generation == 0 {
+            return Err(ChannelError::Config(
+                "the pairing generation must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 }
@@ -112,6 +134,7 @@ impl std::fmt::Debug for ChannelConfig {
             .field("peer_timeout", &self.peer_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
             .field("protocol_version", &self.protocol_version)
+            .field("generation", &self.generation)
             .finish()
     }
 }

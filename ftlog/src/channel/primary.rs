@@ -49,6 +49,13 @@ struct State {
     /// When the received ack last advanced, or when entries became
     /// outstanding with none before.
     progress_at: Instant,
+    /// When the executed ack last advanced (or the channel opened).
+    executed_at: Instant,
+    /// The primary's release watermark: every output whose entry is at or
+    /// below it has been put out.
+    released_through: Option<u64>,
+    /// The watermark last sent to the backup.
+    released_sent: Option<u64>,
     /// The channel's fatal error, once it has one.
     error: Option<ChannelError>,
     /// `close` was called.
@@ -106,12 +113,14 @@ pub struct PrimarySender {
     lag_bound: u64,
     peer_timeout: Duration,
     peer: SocketAddr,
+    generation: u64,
 }
 
 impl std::fmt::Debug for PrimarySender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PrimarySender")
             .field("peer", &self.peer)
+            .field("generation", &self.generation)
             .field("acks", &self.acks())
             .finish_non_exhaustive()
     }
@@ -119,7 +128,8 @@ impl std::fmt::Debug for PrimarySender {
 
 impl PrimarySender {
     /// Connect to the backup at `addr` ("host:port"), run the handshake
-    /// (the backend and image digest are `header`'s), and send `header`.
+    /// (the backend and image digest are `header`'s, the generation is
+    /// `config.generation`), and send `header`.
     /// Blocks until the backup accepts or refuses; a refusal is
     /// [`ChannelError::Refused`] naming the reason.
     pub fn connect(
@@ -152,6 +162,9 @@ impl PrimarySender {
                 ack_latency: None,
                 acks: Acks::default(),
                 progress_at: Instant::now(),
+                executed_at: Instant::now(),
+                released_through: None,
+                released_sent: None,
                 error: None,
                 closing: false,
                 closed: false,
@@ -178,7 +191,7 @@ impl PrimarySender {
                 }
             })
         };
-        tracing::info!(%peer, "logging channel to the backup established");
+        tracing::info!(%peer, generation = config.generation, "logging channel to the backup established");
         Ok(PrimarySender {
             shared,
             tasks: vec![writer, reader],
@@ -187,7 +200,13 @@ impl PrimarySender {
             lag_bound: config.lag_bound,
             peer_timeout: config.peer_timeout,
             peer,
+            generation: config.generation,
         })
+    }
+
+    /// The pairing generation offered in the handshake.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The backup's address.
@@ -392,44 +411,105 @@ impl PrimarySender {
     /// `lag_bound` entries sent but not executed). Call it from the vCPU
     /// thread between guest runs. Returns the channel's error if it fails
     /// while waiting.
+    ///
+    /// The wait is bounded: a backup that acknowledges receipt but whose
+    /// replay reports nothing executed for `peer_timeout` while the
+    /// primary waits here is dead (its replay is stuck), and the channel
+    /// fails with [`ChannelError::PeerTimeout`] saying so.
     pub fn throttle(&self) -> Result<(), ChannelError> {
+        let started = Instant::now();
         let mut st = lock(&self.shared.st);
         loop {
             if let Some(e) = &st.error {
                 return Err(e.clone());
             }
-            if st.next_seq.saturating_sub(count(st.acks.executed)) <= self.lag_bound {
+            let lag = st.next_seq.saturating_sub(count(st.acks.executed));
+            if lag <= self.lag_bound {
                 return Ok(());
+            }
+            let stuck_for = st.executed_at.max(started).elapsed();
+            if stuck_for > self.peer_timeout {
+                drop(st);
+                self.shared.fail(ChannelError::PeerTimeout {
+                    what: format!(
+                        "the backup's replay executed nothing with {lag} entries not executed \
+                         (lag bound {})",
+                        self.lag_bound
+                    ),
+                    waited: self.peer_timeout,
+                });
+                st = lock(&self.shared.st);
+                continue;
             }
             st = self
                 .shared
                 .cv
-                .wait(st)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                .wait_timeout(st, tick(self.peer_timeout))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
+    }
+
+    /// The primary's releaser has put out every output whose log entry is
+    /// at or below `seq`. Sent to the backup as a `Released` message,
+    /// coalesced (only the latest value goes, after the entries it names),
+    /// so a backup going live knows which outputs the world has already
+    /// seen ([`BackupReceiver::released_through`](super::BackupReceiver::released_through)).
+    /// Lower values than already set are ignored.
+    pub fn set_released_through(&self, seq: u64) {
+        let mut st = lock(&self.shared.st);
+        if st.released_through.is_some_and(|r| r >= seq) {
+            return;
+        }
+        st.released_through = Some(seq);
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+
+    /// Declare the backup dead although its connection is up (its
+    /// heartbeats stopped, its replay is stuck): the channel fails with
+    /// [`ChannelError::DeclaredDead`] for every waiting thread, the backup
+    /// is sent an `Abort` with `reason`, and the connection is closed. No
+    /// effect on a channel that has already failed or closed.
+    pub fn abort(&self, reason: impl Into<String>) {
+        self.shared.fail(ChannelError::DeclaredDead {
+            reason: reason.into(),
+        });
     }
 
     /// Close cleanly: send what is queued, then a close message, and wait
     /// (up to the peer timeout) for the backup to acknowledge everything
     /// and answer the close. The backup's receiver then ends with Ok(None).
-    pub fn close(mut self) -> Result<Acks, ChannelError> {
-        lock(&self.shared.st).closing = true;
+    /// Takes `&self`, so a sender shared by several threads can be closed
+    /// by one of them; later sends fail with [`ChannelError::Closed`].
+    /// Calling it again returns the same outcome.
+    pub fn close(&self) -> Result<Acks, ChannelError> {
+        {
+            let mut st = lock(&self.shared.st);
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            st.closing = true;
+        }
         self.shared.wake.notify_one();
         let deadline = Instant::now() + self.peer_timeout;
         let mut st = lock(&self.shared.st);
-        let r = loop {
+        loop {
             if st.closed {
-                break Ok(st.acks);
+                return Ok(st.acks);
             }
             if let Some(e) = &st.error {
-                break Err(e.clone());
+                return Err(e.clone());
             }
             let now = Instant::now();
             if now >= deadline {
-                break Err(ChannelError::PeerTimeout {
+                drop(st);
+                self.shared.fail(ChannelError::PeerTimeout {
                     what: "the backup did not answer our close".into(),
                     waited: self.peer_timeout,
                 });
+                st = lock(&self.shared.st);
+                continue;
             }
             st = self
                 .shared
@@ -437,10 +517,7 @@ impl PrimarySender {
                 .wait_timeout(st, deadline - now)
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
-        };
-        drop(st);
-        self.shutdown();
-        r
+        }
     }
 
     fn shutdown(&mut self) {
@@ -497,6 +574,7 @@ async fn handshake(
     fw.push(&Msg::Hello {
         backend: header.backend,
         image_digest: header.image_digest,
+        generation: config.generation,
         nonce: primary_nonce,
     })?;
     fw.flush(&mut wr, "sending the hello").await?;
@@ -516,6 +594,7 @@ async fn handshake(
         version,
         backend: header.backend,
         image_digest: header.image_digest,
+        generation: config.generation,
         primary_nonce,
         backup_nonce,
     };
@@ -527,6 +606,7 @@ async fn handshake(
             if !verify(&config.key, Prover::Backup, &t, &mac)? {
                 return Err(ChannelError::BackupAuth);
             }
+            fr.authenticated();
         }
         other => return Err(unexpected(other, "welcome")),
     }
@@ -559,32 +639,46 @@ async fn write_loop(
 ) -> Result<(), ChannelError> {
     let mut batch = Vec::new();
     let abort = loop {
-        let closing = {
+        let (closing, released) = {
             let mut st = lock(&shared.st);
             if let Some(e) = &st.error {
-                break (!e.is_peer_death()).then(|| e.to_string());
+                break e.abort_reason();
             }
             std::mem::swap(&mut batch, &mut st.queue);
-            st.closing
-        };
-        if let Some(last) = batch.last().map(|e| e.seq) {
-            let n = batch.len() as u64;
-            for e in batch.drain(..) {
-                fw.push(&Msg::Entry(e))?;
+            // The watermark goes after the entries it names.
+            let in_stream = st.written + batch.len() as u64;
+            let released = st
+                .released_through
+                .filter(|r| st.released_sent < Some(*r) && *r < in_stream);
+            if released.is_some() {
+                st.released_sent = released;
             }
+            (st.closing, released)
+        };
+        let n = batch.len() as u64;
+        let last = batch.last().map(|e| e.seq);
+        for e in batch.drain(..) {
+            fw.push(&Msg::Entry(e))?;
+        }
+        if let Some(through) = released {
+            fw.push(&Msg::Released { through })?;
+        }
+        if !fw.buf.is_empty() {
             let bytes = fw.buf.len() as u64;
             fw.flush(&mut wr, "sending entries").await?;
             {
                 let now = Instant::now();
                 let mut st = lock(&shared.st);
-                if st.written <= count(st.acks.received) {
-                    st.progress_at = now;
+                if let Some(last) = last {
+                    if st.written <= count(st.acks.received) {
+                        st.progress_at = now;
+                    }
+                    st.written += n;
+                    if !st.acks.has_received(last) {
+                        st.in_flight.push_back((last, now));
+                    }
                 }
-                st.written += n;
                 st.bytes += bytes;
-                if !st.acks.has_received(last) {
-                    st.in_flight.push_back((last, now));
-                }
             }
             shared.cv.notify_all();
             continue;
@@ -699,6 +793,9 @@ fn on_ack(
     let new = super::Acks { received, executed };
     if new == st.acks {
         return Ok(());
+    }
+    if executed > st.acks.executed {
+        st.executed_at = Instant::now();
     }
     if let Some(r) = received.filter(|_| received > st.acks.received) {
         let now = Instant::now();

@@ -14,11 +14,15 @@ use crate::{ExecBackend, FramePos, LogEntry, LogError, LogHeader};
 /// The first eight bytes each side sends.
 pub const CHANNEL_MAGIC: [u8; 8] = *b"FTVMMCHN";
 /// The channel protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Magic plus version.
 pub const CHANNEL_PREAMBLE_LEN: usize = 12;
 /// Length of the handshake nonces and MACs.
 pub const NONCE_LEN: usize = 32;
+/// Largest frame payload accepted before the peer has proved the key: the
+/// handshake's messages are a few dozen bytes, so a stranger cannot make a
+/// side buffer a 16 MiB frame.
+pub const PRE_AUTH_FRAME_LEN: u32 = 4096;
 
 /// One channel message. Variant order is part of the wire format (bump
 /// [`PROTOCOL_VERSION`] on any change).
@@ -28,6 +32,8 @@ pub(crate) enum Msg {
     Hello {
         backend: ExecBackend,
         image_digest: [u8; 32],
+        /// The pairing generation the primary offers (from its arbiter).
+        generation: u64,
         nonce: [u8; NONCE_LEN],
     },
     /// Backup → primary: the backup's nonce.
@@ -54,6 +60,9 @@ pub(crate) enum Msg {
     Close,
     /// Either way: a fatal error, said before closing.
     Abort { reason: String },
+    /// Primary → backup: the primary has put out every output whose log
+    /// entry is at or below `through` (coalesced: only the latest is sent).
+    Released { through: u64 },
 }
 
 impl Msg {
@@ -71,6 +80,7 @@ impl Msg {
             Msg::Ack { .. } => "ack",
             Msg::Close => "close",
             Msg::Abort { .. } => "abort",
+            Msg::Released { .. } => "released",
         }
     }
 }
@@ -163,9 +173,13 @@ pub(crate) struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     pos: FramePos,
+    /// Largest payload accepted: [`PRE_AUTH_FRAME_LEN`] until the peer
+    /// proved the key, then [`MAX_FRAME_LEN`].
+    limit: u32,
 }
 
 impl FrameReader {
+    /// A reader for a peer that has not proved the key yet.
     pub fn new() -> Self {
         FrameReader {
             buf: Vec::new(),
@@ -174,7 +188,13 @@ impl FrameReader {
                 index: 0,
                 offset: CHANNEL_PREAMBLE_LEN as u64,
             },
+            limit: PRE_AUTH_FRAME_LEN,
         }
+    }
+
+    /// The peer proved the key: accept frames up to the log's limit.
+    pub fn authenticated(&mut self) {
+        self.limit = MAX_FRAME_LEN;
     }
 
     /// Where the next frame starts.
@@ -186,6 +206,17 @@ impl FrameReader {
     pub fn next_buffered(&mut self) -> Result<Option<Msg>, ChannelError> {
         let at = self.pos;
         let pending = self.buf.get(self.start..).unwrap_or_default();
+        if let Some(h) = pending.get(..4) {
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+            if len > self.limit {
+                return Err(LogError::FrameTooLarge {
+                    at,
+                    len: u64::from(len),
+                    max: self.limit,
+                }
+                .into());
+            }
+        }
         let Some((payload, end)) = checked_payload(pending, at)? else {
             return Ok(None);
         };
@@ -195,9 +226,12 @@ impl FrameReader {
         Ok(Some(msg))
     }
 
-    /// Read more bytes; Ok(false) at a clean end of stream (at a frame
-    /// boundary). A stream that ends inside a frame is
-    /// [`LogError::Truncated`].
+    /// Read more bytes; Ok(false) at an end of stream at a frame boundary.
+    /// A stream that ends inside a frame is the peer's death in the middle
+    /// of a write (the kernel closes a killed process's socket after
+    /// whatever it had written): [`ChannelError::PeerClosed`] naming the
+    /// partial frame, exactly like a reset after the same bytes. Everything
+    /// before it was delivered.
     pub async fn read_more<R: AsyncRead + Unpin>(
         &mut self,
         r: &mut R,
@@ -226,12 +260,14 @@ impl FrameReader {
             }
             _ => FRAME_HEAD_LEN as u64,
         };
-        Err(LogError::Truncated {
-            at: self.pos,
-            expected,
-            present: self.buf.len() as u64,
-        }
-        .into())
+        Err(ChannelError::PeerClosed {
+            detail: format!(
+                "end of stream inside {}: {} of its {expected} bytes arrived, the peer died in \
+                 the middle of a write",
+                self.pos,
+                self.buf.len()
+            ),
+        })
     }
 
     /// The next frame, reading as needed; Ok(None) at a clean end.
@@ -296,13 +332,14 @@ pub(crate) enum Prover {
 }
 
 /// What both MACs cover: who proves, the protocol version, the primary's
-/// backend and image, and both nonces. Binding the Hello's fields means a
+/// backend, image and pairing generation, and both nonces. Binding the Hello's fields means a
 /// man in the middle cannot alter them unnoticed.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Transcript {
     pub version: u32,
     pub backend: ExecBackend,
     pub image_digest: [u8; 32],
+    pub generation: u64,
     pub primary_nonce: [u8; NONCE_LEN],
     pub backup_nonce: [u8; NONCE_LEN],
 }
@@ -322,6 +359,7 @@ fn mac_over(key: &[u8], who: Prover, t: &Transcript) -> Result<Hmac<Sha256>, Cha
     mac.update(&t.version.to_le_bytes());
     mac.update(&backend.to_le_bytes());
     mac.update(&t.image_digest);
+    mac.update(&t.generation.to_le_bytes());
     mac.update(&t.primary_nonce);
     mac.update(&t.backup_nonce);
     Ok(mac)
@@ -355,6 +393,7 @@ mod tests {
             Msg::Hello {
                 backend: ExecBackend::Pmu,
                 image_digest: [1; 32],
+                generation: 7,
                 nonce: [2; 32],
             },
             Msg::Challenge { nonce: [3; 32] },
@@ -393,6 +432,7 @@ mod tests {
             Msg::Abort {
                 reason: "checksum".into(),
             },
+            Msg::Released { through: 41 },
         ]
     }
 
@@ -454,6 +494,7 @@ mod tests {
     #[test]
     fn an_oversized_length_is_refused_before_waiting_for_it() {
         let mut r = FrameReader::new();
+        r.authenticated();
         r.buf = [&u32::MAX.to_le_bytes()[..], &[0; 4]].concat();
         let e = r.next_buffered().unwrap_err();
         assert!(
@@ -463,11 +504,50 @@ mod tests {
     }
 
     #[test]
+    fn before_authentication_frames_are_limited_to_a_few_kib() {
+        let big = 1u32 << 20;
+        let mut r = FrameReader::new();
+        r.buf = [&big.to_le_bytes()[..], &[0; 4]].concat();
+        let e = r.next_buffered().unwrap_err();
+        assert!(
+            matches!(e.log_error(), Some(LogError::FrameTooLarge { len, max, .. })
+                if *len == u64::from(big) && *max == PRE_AUTH_FRAME_LEN),
+            "{e:?}"
+        );
+        // The same length is fine once the peer proved the key.
+        r.authenticated();
+        assert_eq!(r.next_buffered().unwrap(), None, "waits for the payload");
+    }
+
+    #[test]
+    fn a_stream_ending_inside_a_frame_is_the_peers_death() {
+        let mut w = FrameWriter::new();
+        w.push(&Msg::Keepalive).unwrap();
+        w.push(&Msg::Released { through: 3 }).unwrap();
+        let cut = w.buf.len() - 2;
+        let mut stream = &w.buf[..cut];
+        let mut r = FrameReader::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let e = rt.block_on(async {
+            assert_eq!(
+                r.next(&mut stream, "test").await.unwrap(),
+                Some(Msg::Keepalive)
+            );
+            r.next(&mut stream, "test").await.unwrap_err()
+        });
+        assert!(e.is_peer_death(), "{e:?}");
+        assert!(e.to_string().contains("inside frame 1"), "{e}");
+    }
+
+    #[test]
     fn macs_verify_only_with_the_same_key_side_and_transcript() {
         let t = Transcript {
             version: 1,
             backend: ExecBackend::Exits,
             image_digest: [1; 32],
+            generation: 4,
             primary_nonce: [2; 32],
             backup_nonce: [3; 32],
         };
@@ -484,6 +564,12 @@ mod tests {
         let mut t3 = t;
         t3.backend = ExecBackend::Pmu;
         assert!(!verify(b"key", Prover::Primary, &t3, &mac).unwrap());
+        let mut t4 = t;
+        t4.generation = 5;
+        assert!(
+            !verify(b"key", Prover::Primary, &t4, &mac).unwrap(),
+            "the generation is bound by the MAC"
+        );
         assert_ne!(nonce().unwrap(), nonce().unwrap());
     }
 }

@@ -4,7 +4,8 @@ use std::io::{ErrorKind, Read};
 
 use super::Order;
 use crate::codec::{
-    check_eof, decode_frame_at, decode_preamble, preamble_eof, Frame, PREAMBLE_LEN,
+    check_eof, check_header_version, decode_frame_at, decode_preamble, preamble_eof, Frame,
+    PREAMBLE_LEN,
 };
 use crate::{FramePos, LogEntry, LogError, LogHeader};
 
@@ -40,6 +41,7 @@ impl<R: Read> LogReader<R> {
         let version = src.read_preamble()?;
         let header = match src.peek_frame()? {
             Some((Frame::Header(h), len)) => {
+                check_header_version(&h, version, src.pos)?;
                 src.consume(len);
                 h
             }
