@@ -137,6 +137,8 @@ pub struct Machine {
     dirty: Arc<DirtyLog>,
     /// The state digest and its page-hash cache (crate::digest).
     digester: Digester,
+    /// The VMM's instruction emulator (crate::emulate).
+    pub(crate) emu: crate::emulate::EmuState,
 }
 
 fn open_kvm() -> Result<Kvm> {
@@ -197,6 +199,7 @@ impl Machine {
         vm.set_tss_address(0xfffb_d000)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
         install_msr_filter(&vm)?;
+        let emu = crate::emulate::EmuState::new(&vm);
         let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -227,6 +230,7 @@ impl Machine {
             stepping: false,
             dirty,
             digester,
+            emu,
         };
         if cfg.points == PointMode::Pmu {
             m.pmu = Some(open_pmu(cfg.pmu_counter)?);
@@ -511,6 +515,7 @@ impl Machine {
         Ok(ev.interrupt.shadow == 0
             && ev.interrupt.injected == 0
             && ev.exception.injected == 0
+            && ev.exception.pending == 0
             && ev.nmi.injected == 0)
     }
 
