@@ -46,6 +46,7 @@ pub fn run_backup(
     let net = backup_net(h.net_mac, ft.net.as_ref())?;
     // Beat towards the primary so it can tell this backup is alive.
     let _heartbeat = ft.heartbeat(Role::Backup, generation)?;
+    let digest_kind = h.state_digest;
     // The backup's guest sends what the primary's sends; only the primary's
     // copy may reach the outside world: the console goes to a shadow file
     // and frames are held, to be put out if this backup goes live.
@@ -53,6 +54,7 @@ pub fn run_backup(
     let held = ReplayOutputs::new(&ft.console, Box::new(move || watermark.released_through()))?;
     cfg.outputs = Box::new(held.clone());
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
+    m.set_digest_kind(digest_kind);
     if let Some(n) = &net {
         net::attach(&mut m, n.mac)?;
     }

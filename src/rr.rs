@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ftlog::{DigestKind, EntryKind, ExecBackend, ExecPoint, LogHeader, LogReader, LogWriter};
+use ftlog::{EntryKind, ExecBackend, ExecPoint, LogHeader, LogReader, LogWriter};
 use vmm::digest::image_digest;
 use vmm::output::OutputSink;
 use vmm::points::PointMode;
@@ -73,7 +73,7 @@ pub fn header_for(image: &[u8], cfg: &MachineConfig, opts: &RecordOptions) -> Re
         image_digest: image_digest(image),
         mem_mib: cfg.mem_mib as u32,
         cmdline: cfg.cmdline.clone(),
-        state_digest: DigestKind::Blake3RegsRam,
+        state_digest: vmm::digest::DEFAULT_KIND,
         digest_interval_ms: opts.digest_every.map(|d| d.as_millis() as u64),
         net_mac: opts.net_mac,
         cpuid,
@@ -149,6 +149,8 @@ pub fn replay<R: Read>(image: &[u8], log: R, out: Box<dyn OutputSink>) -> Result
     // The backup's clocks are silent: every input comes from the log.
     cfg.live_timers = false;
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
+    // A version-2 log's digests are of all RAM.
+    m.set_digest_kind(header.state_digest);
     let mut rep = Replayer::new(ReaderSource::new(reader));
     let end = m.run(&mut rep)?;
     rep.finish(&mut m, end)?;

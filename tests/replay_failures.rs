@@ -25,7 +25,7 @@ use vmm::replay::{LogSource, Replayer};
 use vmm::{Error, Live, Machine, MachineConfig, RunEnd};
 
 const FTCLOCK_LO: u16 = 0xf104;
-/// The PIT's control port: a latch command takes the count (log format 3).
+/// The PIT's control port: a latch command takes the count (log format 4).
 const PIT_CONTROL: u16 = 0x43;
 
 fn cfg(cmdline: &str, out: &Capture, live: bool) -> MachineConfig {

@@ -60,6 +60,13 @@ pub struct CpuidEntry {
 pub enum DigestKind {
     /// BLAKE3 over RAX..R15, RIP, RFLAGS, CR0, CR2, CR3, CR4 and EFER (each
     /// as a little-endian u64, in that order), then all of guest RAM by
-    /// ascending guest-physical address.
+    /// ascending guest-physical address (format version 2).
     Blake3RegsRam,
+    /// BLAKE3 over the same registers, then the RAM size in 4 KiB pages (a
+    /// little-endian u64), then one hash per group of 512 pages, each the
+    /// BLAKE3 of its pages' XXH3-128 hashes (16 bytes little-endian each) in
+    /// address order (the last group may be shorter). Computed incrementally from the pages written since
+    /// the previous digest; the value depends only on the state (format
+    /// version 3, docs/log-format.md).
+    Blake3RegsPageTree,
 }

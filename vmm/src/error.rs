@@ -96,6 +96,26 @@ pub enum Error {
     /// A CPUID table could not be built.
     #[error("CPUID table: {0}")]
     Cpuid(String),
+    /// The guest executed an instruction that neither KVM nor the VMM's
+    /// instruction emulator implements.
+    #[error("guest instruction at RIP {rip:#x} cannot be emulated (bytes {bytes}): neither KVM nor ftvmm's emulator knows it")]
+    UnknownInstruction {
+        /// Where.
+        rip: u64,
+        /// Its bytes (as many as KVM gave or the VMM could read).
+        bytes: crate::emulate::InsnBytes,
+    },
+    /// The VMM's instruction emulator knows the instruction but not the
+    /// situation it was executed in.
+    #[error("guest instruction at RIP {rip:#x} (bytes {bytes}) cannot be emulated: {reason}")]
+    CannotEmulate {
+        /// Where.
+        rip: u64,
+        /// Its bytes.
+        bytes: crate::emulate::InsnBytes,
+        /// What the emulator lacks.
+        reason: crate::emulate::Unsupported,
+    },
     /// The exit observer stopped the run with an error of its own.
     #[error("{0}")]
     Observer(String),

@@ -1,10 +1,12 @@
 //! One VM with one vCPU: KVM objects, guest RAM, devices, and the state the
 //! run loop keeps between exits.
 
+use std::sync::Arc;
+
 use kvm_bindings::{
     kvm_enable_cap, kvm_guest_debug, kvm_regs, kvm_userspace_memory_region,
     KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_MAX_CPUID_ENTRIES, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MSR_EXIT_REASON_FILTER,
 };
 use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
@@ -15,6 +17,8 @@ use crate::arch::{boot, cpuid, msr};
 use crate::clock::{Clock, ClockMode};
 use crate::devices::ftclock::Entropy;
 use crate::devices::Devices;
+use crate::digest::{Digester, DEFAULT_KIND};
+use crate::dirty::DirtyLog;
 use crate::inputs::{HostInputs, Input};
 use crate::kick::{self, Kicker, Ticker};
 use crate::loader::{self, KernelKind};
@@ -142,6 +146,12 @@ pub struct Machine {
     pub(crate) pmu: Option<PmuDrive>,
     pub(crate) pmu_step_once: bool,
     stepping: bool,
+    /// Pages written since each consumer last looked (crate::dirty).
+    dirty: Arc<DirtyLog>,
+    /// The state digest and its page-hash cache (crate::digest).
+    digester: Digester,
+    /// The VMM's instruction emulator (crate::emulate).
+    pub(crate) emu: crate::emulate::EmuState,
 }
 
 fn open_kvm() -> Result<Kvm> {
@@ -187,11 +197,22 @@ impl Machine {
         let kvm = open_kvm()?;
         let mem = memory::create_ram(cfg.mem_mib)?;
         let vm = kvm.create_vm().map_err(Error::kvm("KVM_CREATE_VM"))?;
-        register_memory(&vm, &mem)?;
+        let logging = match register_memory(&vm, &mem, true) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("dirty logging of guest RAM refused ({e})");
+                register_memory(&vm, &mem, false)?;
+                false
+            }
+        };
+        let dirty = DirtyLog::new(&vm, &mem, logging)?;
+        // RAM is fresh from mmap: all zero, nothing written yet.
+        let digester = Digester::for_zeroed_ram(DEFAULT_KIND, &dirty);
         // VMX needs these three pages even without real mode.
         vm.set_tss_address(0xfffb_d000)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
         install_msr_filter(&vm)?;
+        let emu = crate::emulate::EmuState::new(&vm);
         let vcpu = vm.create_vcpu(0).map_err(Error::kvm("KVM_CREATE_VCPU"))?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -224,6 +245,9 @@ impl Machine {
             pmu: None,
             pmu_step_once: false,
             stepping: false,
+            dirty,
+            digester,
+            emu,
         };
         if cfg.points == PointMode::Pmu {
             m.pmu = Some(open_pmu(cfg.pmu_counter)?);
@@ -235,6 +259,32 @@ impl Machine {
     /// Guest RAM.
     pub fn memory(&self) -> &GuestRam {
         &self.mem
+    }
+
+    /// The dirty-page log of guest RAM: [`DirtyLog::cursor`] gives a
+    /// consumer its own view of what changed (a live snapshot's pre-copy).
+    pub fn dirty_log(&self) -> &Arc<DirtyLog> {
+        &self.dirty
+    }
+
+    /// Switch KVM's dirty logging of guest RAM on or off. Off, every cursor
+    /// sees every page as dirty and every digest hashes all of RAM (what
+    /// logging itself costs the guest is measured this way).
+    pub fn set_dirty_logging(&mut self, on: bool) -> Result<()> {
+        if matches!(self.dirty.tracking(), crate::dirty::Tracking::Failed(_)) {
+            return Ok(());
+        }
+        register_memory(&self._vm, &self.mem, on)?;
+        self.dirty.set_logging(on);
+        Ok(())
+    }
+
+    pub(crate) fn digester(&self) -> &Digester {
+        &self.digester
+    }
+
+    pub(crate) fn digester_mut(&mut self) -> &mut Digester {
+        &mut self.digester
     }
 
     /// Guest RAM size in MiB.
@@ -503,6 +553,7 @@ impl Machine {
         Ok(ev.interrupt.shadow == 0
             && ev.interrupt.injected == 0
             && ev.exception.injected == 0
+            && ev.exception.pending == 0
             && ev.nmi.injected == 0)
     }
 
@@ -640,17 +691,23 @@ fn calibrate(counter: &mut dyn crate::pmu::BranchCounter) -> Result<()> {
     crate::pmu::check_counter(u64::from(CALIBRATION_BRANCHES), &measured).map_err(pmu_err)
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestRam) -> Result<()> {
-    for (slot, region) in mem.iter().enumerate() {
+/// Register guest RAM with KVM, with dirty logging (crate::dirty) if `log_dirty`.
+fn register_memory(vm: &VmFd, mem: &GuestRam, log_dirty: bool) -> Result<()> {
+    let flags = if log_dirty {
+        KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
+    };
+    for (index, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|e| Error::Memory(e.to_string()))?;
         let r = kvm_userspace_memory_region {
-            slot: slot as u32,
+            slot: crate::dirty::slot_id(index),
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
-            flags: 0,
+            flags,
         };
         // SAFETY: the region stays mapped for the VM's lifetime: `mem` is
         // owned by the Machine that owns `vm`.

@@ -1,11 +1,19 @@
 //! Guest RAM and the fixed guest-physical layout the boot code uses.
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::{Error, Result};
 
-/// Guest RAM: one region from guest-physical 0.
-pub type GuestRam = GuestMemoryMmap<()>;
+/// Guest RAM: one region from guest-physical 0. Every write the VMM makes
+/// through vm-memory's `Bytes` API sets the page's bit in the region's
+/// bitmap, which is how [`crate::dirty`] sees the VMM's own writes (KVM's
+/// dirty log only sees the vCPU's).
+pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
+
+/// The page size of dirty tracking and of the incremental digest (x86's and
+/// the host's, which KVM's dirty log and vm-memory's bitmap both use).
+pub const PAGE_SIZE: u64 = 4096;
 
 /// GDT written by the VMM for the boot state.
 pub const BOOT_GDT: u64 = 0x500;

@@ -27,6 +27,9 @@ pub enum PointMode {
 impl PointMode {
     /// Whether an exit of this kind is an execution point in this mode.
     pub fn is_point(self, exit: ExitKind) -> bool {
+        if exit == ExitKind::Emulated {
+            return false;
+        }
         matches!(self, PointMode::AnyExit | PointMode::Pmu) || self.counts(exit)
     }
 
@@ -39,7 +42,7 @@ impl PointMode {
     pub fn counts(self, exit: ExitKind) -> bool {
         match exit {
             _ if self == PointMode::Pmu => false,
-            ExitKind::Interrupted => false,
+            ExitKind::Interrupted | ExitKind::Emulated => false,
             ExitKind::Debug => self == PointMode::SingleStep,
             _ => true,
         }
@@ -99,6 +102,10 @@ pub enum ExitKind {
     Debug,
     /// KVM_RUN returned because of a signal or host event.
     Interrupted,
+    /// KVM could not emulate an instruction and the VMM did
+    /// ([`crate::emulate`]). Never a point, in any mode: which instructions
+    /// KVM gives up on is a property of the host, and not a stable one.
+    Emulated,
 }
 
 #[cfg(test)]
@@ -111,6 +118,19 @@ mod tests {
         assert!(!PointMode::Exits.is_point(ExitKind::Interrupted));
         assert!(!PointMode::SingleStep.is_point(ExitKind::Interrupted));
         assert!(!PointMode::Exits.counts(ExitKind::Interrupted));
+    }
+
+    #[test]
+    fn emulated_instructions_are_never_points_nor_counted() {
+        for mode in [
+            PointMode::AnyExit,
+            PointMode::Exits,
+            PointMode::SingleStep,
+            PointMode::Pmu,
+        ] {
+            assert!(!mode.is_point(ExitKind::Emulated), "{mode:?}");
+            assert!(!mode.counts(ExitKind::Emulated), "{mode:?}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use kvm_ioctls::VcpuExit;
 use vm_memory::Bytes;
 
 use crate::devices::{DeviceCtx, SampleKind};
+use crate::emulate::Emulated;
 use crate::machine::Machine;
 use crate::output::Output;
 use crate::points::{ExitKind, PointMode};
@@ -208,9 +209,14 @@ impl Machine {
                 )))
             }
             Ok(VcpuExit::InternalError) => {
-                return Err(Error::GuestFault(
-                    "KVM internal error (emulation failure)".into(),
-                ))
+                // An instruction KVM could not emulate: the VMM does it. Not
+                // a point, not counted (crate::emulate says why); while
+                // stepping, it ends in the step KVM would have reported.
+                obs.on_exit(self, ExitKind::Emulated);
+                match self.emulate_failed_instruction()? {
+                    Emulated::Retired if self.is_stepping() => Exit::Kind(ExitKind::Debug),
+                    _ => return Ok(None),
+                }
             }
             Ok(other) => return Err(Error::GuestFault(format!("unexpected VM exit {other:?}"))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {

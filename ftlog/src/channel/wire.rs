@@ -14,7 +14,7 @@ use crate::{ExecBackend, FramePos, LogEntry, LogError, LogHeader};
 /// The first eight bytes each side sends.
 pub const CHANNEL_MAGIC: [u8; 8] = *b"FTVMMCHN";
 /// The channel protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Magic plus version.
 pub const CHANNEL_PREAMBLE_LEN: usize = 12;
 /// Length of the handshake nonces and MACs.

@@ -96,7 +96,7 @@ pub fn header() -> LogHeader {
         image_digest: [0x11; 32],
         mem_mib: 128,
         cmdline: "console=ttyS0".into(),
-        state_digest: DigestKind::Blake3RegsRam,
+        state_digest: DigestKind::Blake3RegsPageTree,
         digest_interval_ms: Some(1000),
         net_mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
         cpuid: vec![
@@ -255,20 +255,31 @@ pub fn log_header() -> impl Strategy<Value = LogHeader> {
         ".{0,80}",
         proptest::option::of(any::<u64>()),
         proptest::option::of(any::<[u8; 6]>()),
+        prop_oneof![
+            Just(DigestKind::Blake3RegsRam),
+            Just(DigestKind::Blake3RegsPageTree)
+        ],
         vec(cpuid_entry(), 0..40),
     )
         .prop_map(
-            |(backend, image_digest, mem_mib, cmdline, digest_interval_ms, net_mac, cpuid)| {
-                LogHeader {
-                    backend,
-                    image_digest,
-                    mem_mib,
-                    cmdline,
-                    state_digest: DigestKind::Blake3RegsRam,
-                    digest_interval_ms,
-                    net_mac,
-                    cpuid,
-                }
+            |(
+                backend,
+                image_digest,
+                mem_mib,
+                cmdline,
+                digest_interval_ms,
+                net_mac,
+                state_digest,
+                cpuid,
+            )| LogHeader {
+                backend,
+                image_digest,
+                mem_mib,
+                cmdline,
+                state_digest,
+                digest_interval_ms,
+                net_mac,
+                cpuid,
             },
         )
 }
