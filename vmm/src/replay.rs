@@ -300,6 +300,12 @@ impl<S: LogSource> Observer for Replayer<S> {
                     self.at_end = true;
                     return Ok(Flow::Pause);
                 }
+                EntryKind::Output { .. } => {
+                    return Err(diverged(format!(
+                        "{} is due but the guest did not send that output",
+                        describe(&e)
+                    )))
+                }
                 _ => {
                     return Err(diverged(format!(
                         "{} is due but the guest did not make that access",
