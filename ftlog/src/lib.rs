@@ -19,7 +19,7 @@ mod stream;
 
 pub use channel::{
     Acks, BackupExpect, BackupListener, BackupReceiver, BusyListener, ChannelConfig, ChannelError,
-    ChannelStats, PrimarySender, Refusal,
+    ChannelStats, JoinPart, PrimarySender, Refusal,
 };
 pub use codec::{Frame, FramePos};
 pub use entry::{EndReason, EntryKind, LogEntry, OutputStream};

@@ -1016,3 +1016,78 @@ fn bad_configurations_are_rejected_up_front() {
     assert!(e.to_string().contains("keepalive"), "{e}");
     assert!(!format!("{c:?}").contains("0123"), "the key is not printed");
 }
+
+#[test]
+fn a_joining_primary_sends_pages_and_its_state_before_the_log() {
+    let cfg = config(KEY);
+    let (addr, b) = backup(cfg.clone(), expect());
+    let p =
+        PrimarySender::connect_joining(&addr, &cfg, &header(ExecBackend::Exits, IMAGE)).unwrap();
+    let r = b.join().unwrap().unwrap();
+    assert!(r.joins(), "the backup is told the primary joins");
+    // No entry before the state: the backup would have nothing to replay it on.
+    let early = p.send(entry(0)).unwrap_err();
+    assert!(matches!(early, ChannelError::BadEntry(_)), "{early}");
+    // The backup takes parts as they come (as its restore does).
+    let taker = thread::spawn(move || {
+        let mut pages = 0;
+        let state = loop {
+            match r.next_join_part().unwrap() {
+                ftlog::JoinPart::Pages { first, data } => {
+                    assert_eq!(data.len() % 4096, 0);
+                    if first != 3 {
+                        assert_eq!(first % 64, 0);
+                        assert!(data.iter().all(|&x| x == (first / 64) as u8));
+                    }
+                    pages += data.len() / 4096;
+                }
+                ftlog::JoinPart::State(s) => break s,
+            }
+        };
+        (r, pages, state)
+    });
+    // 40 MiB of pages: more than either side queues, so the sender waits
+    // for the socket and the socket for the backup.
+    let chunk = 64 * 4096;
+    for i in 0..160u64 {
+        p.send_pages(i * 64, vec![i as u8; chunk]).unwrap();
+    }
+    p.send_pages(3, vec![0xee; 4096]).unwrap();
+    p.send_join_state(b"state".to_vec()).unwrap();
+    assert!(
+        p.send_pages(0, vec![0; 4096]).is_err(),
+        "no pages after the state"
+    );
+    for s in 0..3 {
+        p.send(entry(s)).unwrap();
+    }
+    let (r, pages, state) = within(Duration::from_secs(30), move || taker.join().unwrap());
+    assert_eq!(pages, 160 * 64 + 1);
+    assert_eq!(state, b"state");
+    for s in 0..3 {
+        assert_eq!(r.next().unwrap().unwrap().seq, s);
+    }
+    p.close().unwrap();
+    assert_eq!(r.next().unwrap(), None);
+    assert!(p.join_bytes_written() > 40 << 20);
+}
+
+#[test]
+fn a_backup_sees_a_join_cut_short_as_the_primary_gone() {
+    let cfg = config(KEY);
+    let (addr, b) = backup(cfg.clone(), expect());
+    let p =
+        PrimarySender::connect_joining(&addr, &cfg, &header(ExecBackend::Exits, IMAGE)).unwrap();
+    let r = b.join().unwrap().unwrap();
+    p.send_pages(0, vec![1; 4096]).unwrap();
+    p.flush_join().unwrap();
+    drop(p);
+    assert!(matches!(
+        r.next_join_part().unwrap(),
+        ftlog::JoinPart::Pages { first: 0, .. }
+    ));
+    let e = within(Duration::from_secs(5), move || {
+        r.next_join_part().unwrap_err()
+    });
+    assert!(e.is_peer_death(), "{e}");
+}

@@ -238,7 +238,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, ctl: &RelayCtl, dir: Direction) 
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => {
-                if !ctl.cut.load(Ordering::SeqCst) {
+                // After a truncation the primary counts as dead: it must
+                // not hear the backup hang up and race it to the arbiter.
+                if !ctl.cut.load(Ordering::SeqCst) && !ctl.truncated.load(Ordering::SeqCst) {
                     let _ = to.shutdown(Shutdown::Write);
                 }
                 return;

@@ -100,14 +100,25 @@ impl Machine {
     /// Capture the VM. Call only while [`Machine::run`] is not running (after
     /// it returned [`crate::RunEnd::Paused`]): the vCPU is then at a point.
     pub fn snapshot(&mut self) -> Result<VmSnapshot> {
+        let mut snap = self.snapshot_state()?;
+        snap.memory = vec![0u8; ram_size(self.memory()) as usize];
+        self.memory()
+            .read_slice(&mut snap.memory, GuestAddress(0))
+            .map_err(|e| Error::Snapshot(format!("reading guest memory: {e}")))?;
+        Ok(snap)
+    }
+
+    /// Capture everything but guest RAM (`memory` is empty): a live
+    /// snapshot's last step, whose RAM moved page by page while the guest
+    /// ran. Like [`Machine::snapshot`] it finishes the pending I/O
+    /// instruction, which may write guest memory: take the last dirty
+    /// pages after this. Before [`Machine::restore`], fill `memory`.
+    pub fn snapshot_state(&mut self) -> Result<VmSnapshot> {
         // Name the point before finishing the I/O instruction moves RIP.
         self.point()?;
         self.complete_pending_io()?;
         let vcpu = self.save_vcpu()?;
-        let mut memory = vec![0u8; ram_size(self.memory()) as usize];
-        self.memory()
-            .read_slice(&mut memory, GuestAddress(0))
-            .map_err(|e| Error::Snapshot(format!("reading guest memory: {e}")))?;
+        let memory = Vec::new();
         let now = self.clock.now_ns();
         Ok(VmSnapshot {
             version: SNAPSHOT_VERSION,

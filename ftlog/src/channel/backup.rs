@@ -16,7 +16,7 @@ use super::wire::{
     encode_preamble, nonce, prove, read_preamble, verify, FrameReader, FrameWriter, Msg, Prover,
     Transcript,
 };
-use super::{lock, runtime, Acks, ChannelConfig, ChannelError, Refusal};
+use super::{lock, runtime, Acks, ChannelConfig, ChannelError, JoinPart, Refusal};
 use crate::{ExecBackend, LogEntry, LogHeader};
 
 /// What the backup requires of a primary, besides the key and the version.
@@ -290,6 +290,8 @@ struct Shared {
 struct State {
     /// Received, not yet taken by the replayer.
     queue: VecDeque<LogEntry>,
+    /// Pages and the join state of a joining primary, not yet taken.
+    join: VecDeque<JoinPart>,
     received: Option<u64>,
     executed: Option<u64>,
     /// The primary's release watermark.
@@ -330,7 +332,13 @@ pub struct BackupReceiver {
     header: LogHeader,
     peer: SocketAddr,
     generation: u64,
+    joins: bool,
 }
+
+/// Most join parts (pages messages) held before the socket is left
+/// unread, so TCP slows a primary whose pages arrive faster than they are
+/// taken.
+const JOIN_QUEUE_PARTS: usize = 64;
 
 impl std::fmt::Debug for BackupReceiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -348,6 +356,7 @@ impl BackupReceiver {
         let shared = Arc::new(Shared {
             st: Mutex::new(State {
                 queue: VecDeque::new(),
+                join: VecDeque::new(),
                 received: None,
                 executed: None,
                 released_through: None,
@@ -363,9 +372,9 @@ impl BackupReceiver {
         let reader = {
             let shared = shared.clone();
             let timeout = config.peer_timeout;
-            let (rd, fr) = (p.rd, p.fr);
+            let (rd, fr, join) = (p.rd, p.fr, p.join);
             rt.spawn(async move {
-                if let Err(e) = read_loop(&shared, rd, fr, timeout).await {
+                if let Err(e) = read_loop(&shared, rd, fr, timeout, join).await {
                     shared.fail(e);
                 }
             })
@@ -389,6 +398,42 @@ impl BackupReceiver {
             header: p.header,
             peer,
             generation: p.generation,
+            joins: p.join,
+        }
+    }
+
+    /// The primary's guest is already running: the replay starts from the
+    /// state that [`next_join_part`](BackupReceiver::next_join_part)
+    /// delivers, not from the image.
+    pub fn joins(&self) -> bool {
+        self.joins
+    }
+
+    /// Joining: the next part of the primary's state (pages, then the
+    /// join state last), blocking until it arrives. Entries follow the
+    /// join state. An error if the channel fails first.
+    pub fn next_join_part(&self) -> Result<JoinPart, ChannelError> {
+        let mut st = lock(&self.shared.st);
+        loop {
+            if let Some(p) = st.join.pop_front() {
+                if st.join.len() + 1 >= JOIN_QUEUE_PARTS {
+                    self.shared.room.notify_one();
+                }
+                return Ok(p);
+            }
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            if st.closed || st.close_requested {
+                return Err(ChannelError::PeerClosed {
+                    detail: "the primary closed the channel in the middle of a join".into(),
+                });
+            }
+            st = self
+                .shared
+                .cv
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -516,6 +561,7 @@ struct Paired {
     fw: FrameWriter,
     header: LogHeader,
     generation: u64,
+    join: bool,
 }
 
 /// The backup's side of the handshake: check the version, the key, the
@@ -544,14 +590,15 @@ async fn handshake(
         };
         return Err(refuse(rd, wr, fw, why).await);
     }
-    let (backend, image_digest, generation, primary_nonce) =
+    let (backend, image_digest, generation, join, primary_nonce) =
         match fr.next(&mut rd, "reading the hello").await? {
             Some(Msg::Hello {
                 backend,
                 image_digest,
                 generation,
+                join,
                 nonce,
-            }) => (backend, image_digest, generation, nonce),
+            }) => (backend, image_digest, generation, join, nonce),
             other => return Err(unexpected(other, "hello")),
         };
     let backup_nonce = nonce()?;
@@ -568,6 +615,7 @@ async fn handshake(
         backend,
         image_digest,
         generation,
+        join,
         primary_nonce,
         backup_nonce,
     };
@@ -617,6 +665,7 @@ async fn handshake(
         fw,
         header,
         generation,
+        join,
     })
 }
 
@@ -671,10 +720,12 @@ async fn read_loop(
     mut rd: OwnedReadHalf,
     mut fr: FrameReader,
     timeout: Duration,
+    mut joining: bool,
 ) -> Result<(), ChannelError> {
     let mut next_seq = 0u64;
     let mut last_count: Option<u64> = None;
     let mut batch = Vec::new();
+    let mut parts = Vec::new();
     let mut last_rx = Instant::now();
     loop {
         let mut closed = false;
@@ -683,6 +734,19 @@ async fn read_loop(
         loop {
             let at = fr.pos();
             match fr.next_buffered() {
+                Ok(Some(Msg::Entry(_))) if joining => {
+                    failure = Some(ChannelError::Protocol(format!(
+                        "an entry in {at} before the join state"
+                    )));
+                    break;
+                }
+                Ok(Some(Msg::Pages { first, data })) if joining => {
+                    parts.push(JoinPart::Pages { first, data });
+                }
+                Ok(Some(Msg::JoinState { state })) if joining => {
+                    parts.push(JoinPart::State(state));
+                    joining = false;
+                }
                 Ok(Some(Msg::Entry(e))) => {
                     if e.seq != next_seq {
                         failure = Some(
@@ -741,8 +805,9 @@ async fn read_loop(
         }
         // Entries that arrived intact before a failure are still delivered
         // (and acknowledged): the backup replays all it has on failover.
-        if !batch.is_empty() || closed || released.is_some() {
+        if !batch.is_empty() || !parts.is_empty() || closed || released.is_some() {
             let mut st = lock(&shared.st);
+            st.join.extend(parts.drain(..));
             if let Some(last) = batch.last() {
                 st.received = Some(last.seq);
             }
@@ -762,7 +827,10 @@ async fn read_loop(
         // Backpressure: with the queue full, leave the bytes in the socket
         // so TCP stops the primary. The primary's silence meanwhile is ours,
         // not its death.
-        while lock(&shared.st).queue.len() >= shared.queue_limit {
+        while {
+            let st = lock(&shared.st);
+            st.queue.len() >= shared.queue_limit || st.join.len() >= JOIN_QUEUE_PARTS
+        } {
             shared.room.notified().await;
             last_rx = Instant::now();
         }

@@ -51,6 +51,10 @@ pub enum MsgKind {
     Abort,
     /// Primary → backup: outputs released up to a seq.
     Released,
+    /// Primary → backup, joining: guest pages.
+    Pages,
+    /// Primary → backup, joining: the state at the join point.
+    JoinState,
 }
 
 impl MsgKind {
@@ -68,6 +72,8 @@ impl MsgKind {
             Msg::Close => MsgKind::Close,
             Msg::Abort { .. } => MsgKind::Abort,
             Msg::Released { .. } => MsgKind::Released,
+            Msg::Pages { .. } => MsgKind::Pages,
+            Msg::JoinState { .. } => MsgKind::JoinState,
         }
     }
 }

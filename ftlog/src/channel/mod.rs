@@ -27,6 +27,7 @@ use std::time::Duration;
 
 pub use backup::{BackupExpect, BackupListener, BackupReceiver, BusyListener};
 pub use error::{ChannelError, Refusal};
+
 pub use primary::{ChannelStats, PrimarySender};
 pub use wire::{CHANNEL_MAGIC, CHANNEL_PREAMBLE_LEN, PRE_AUTH_FRAME_LEN, PROTOCOL_VERSION};
 
@@ -137,6 +138,22 @@ impl std::fmt::Debug for ChannelConfig {
             .field("generation", &self.generation)
             .finish()
     }
+}
+
+/// A part of a joining primary's state, as the backup receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinPart {
+    /// Guest RAM from page `first` on (4 KiB pages); a later copy of a
+    /// page replaces an earlier one.
+    Pages {
+        /// The first page's number (guest-physical address / 4096).
+        first: u64,
+        /// Whole pages.
+        data: Vec<u8>,
+    },
+    /// The VM's state at the join point (opaque to the channel); the last
+    /// part, after every page.
+    State(Vec<u8>),
 }
 
 /// What the backup has acknowledged: the highest seq it received and the

@@ -62,7 +62,20 @@ struct State {
     closing: bool,
     /// The backup answered our close.
     closed: bool,
+    /// Joining: the state transfer is not finished (no entry may be sent
+    /// before the join state).
+    joining: bool,
+    /// Join messages (pages, the join state) not yet taken by the writer,
+    /// and their bytes.
+    join: Vec<Msg>,
+    join_queued: usize,
+    /// Bytes of join messages written to the socket.
+    join_written: u64,
 }
+
+/// Most bytes of pages queued but not yet written: a pre-copy runs as fast
+/// as the socket takes it, with bounded memory.
+const JOIN_QUEUE_BYTES: usize = 8 << 20;
 
 impl Shared {
     /// Record the channel's first fatal error and wake everyone.
@@ -137,10 +150,33 @@ impl PrimarySender {
         config: &ChannelConfig,
         header: &LogHeader,
     ) -> Result<PrimarySender, ChannelError> {
+        Self::open(addr, config, header, false)
+    }
+
+    /// [`connect`](PrimarySender::connect) for a primary whose guest is
+    /// already running: the backup starts from the state sent with
+    /// [`send_pages`](PrimarySender::send_pages) and
+    /// [`send_join_state`](PrimarySender::send_join_state), and entries
+    /// may only follow the join state.
+    pub fn connect_joining(
+        addr: &str,
+        config: &ChannelConfig,
+        header: &LogHeader,
+    ) -> Result<PrimarySender, ChannelError> {
+        Self::open(addr, config, header, true)
+    }
+
+    fn open(
+        addr: &str,
+        config: &ChannelConfig,
+        header: &LogHeader,
+        join: bool,
+    ) -> Result<PrimarySender, ChannelError> {
         config.validate()?;
         let rt = runtime()?;
         let hs = rt.block_on(async {
-            tokio::time::timeout(config.handshake_timeout, handshake(addr, config, header))
+            let hs = handshake(addr, config, header, join);
+            tokio::time::timeout(config.handshake_timeout, hs)
                 .await
                 .unwrap_or_else(|_| {
                     Err(ChannelError::PeerTimeout {
@@ -168,6 +204,10 @@ impl PrimarySender {
                 error: None,
                 closing: false,
                 closed: false,
+                joining: join,
+                join: Vec::new(),
+                join_queued: 0,
+                join_written: 0,
             }),
             cv: Condvar::new(),
             wake: Notify::new(),
@@ -249,6 +289,11 @@ impl PrimarySender {
                 .wait(st)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+        if st.joining {
+            return Err(ChannelError::BadEntry(
+                "an entry before the join state: the backup has no state to replay it on".into(),
+            ));
+        }
         let entry = make(st.next_seq);
         if entry.seq != st.next_seq {
             return Err(ChannelError::BadEntry(format!(
@@ -272,6 +317,87 @@ impl PrimarySender {
             self.shared.wake.notify_one();
         }
         Ok(seq)
+    }
+
+    /// Joining: queue guest pages from page `first` (`data` a whole number
+    /// of 4 KiB pages). Blocks while more than a few MiB of pages wait for
+    /// the socket, so a pre-copy goes at the speed of the channel.
+    pub fn send_pages(&self, first: u64, data: Vec<u8>) -> Result<(), ChannelError> {
+        if data.len() % 4096 != 0 {
+            return Err(ChannelError::BadEntry(format!(
+                "pages of {} bytes: not a whole number of 4 KiB pages",
+                data.len()
+            )));
+        }
+        let mut st = lock(&self.shared.st);
+        loop {
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            if !st.joining {
+                return Err(ChannelError::BadEntry(
+                    "pages outside a join (before the join state, on a joining channel)".into(),
+                ));
+            }
+            if st.join_queued < JOIN_QUEUE_BYTES {
+                break;
+            }
+            st = self
+                .shared
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        st.join_queued += data.len();
+        st.join.push(Msg::Pages { first, data });
+        drop(st);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Joining: queue the VM's state at the join point. From now on
+    /// entries may be sent (from seq 0); the pages and the state go out
+    /// before them.
+    pub fn send_join_state(&self, state: Vec<u8>) -> Result<(), ChannelError> {
+        let mut st = lock(&self.shared.st);
+        if let Some(e) = &st.error {
+            return Err(e.clone());
+        }
+        if !st.joining {
+            return Err(ChannelError::BadEntry(
+                "a join state outside a join (or a second one)".into(),
+            ));
+        }
+        st.joining = false;
+        st.join_queued += state.len();
+        st.join.push(Msg::JoinState { state });
+        drop(st);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Bytes of pages and join state written to the socket so far.
+    pub fn join_bytes_written(&self) -> u64 {
+        lock(&self.shared.st).join_written
+    }
+
+    /// Block until every page and the join state queued so far are written
+    /// to the socket (not necessarily read by the backup).
+    pub fn flush_join(&self) -> Result<(), ChannelError> {
+        let mut st = lock(&self.shared.st);
+        loop {
+            if let Some(e) = &st.error {
+                return Err(e.clone());
+            }
+            if st.join_queued == 0 {
+                return Ok(());
+            }
+            st = self
+                .shared
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
     }
 
     /// The seq the next entry gets.
@@ -550,6 +676,7 @@ async fn handshake(
     addr: &str,
     config: &ChannelConfig,
     header: &LogHeader,
+    join: bool,
 ) -> Result<Handshaken, ChannelError> {
     let stream = TcpStream::connect(addr)
         .await
@@ -575,6 +702,7 @@ async fn handshake(
         backend: header.backend,
         image_digest: header.image_digest,
         generation: config.generation,
+        join,
         nonce: primary_nonce,
     })?;
     fw.flush(&mut wr, "sending the hello").await?;
@@ -595,6 +723,7 @@ async fn handshake(
         backend: header.backend,
         image_digest: header.image_digest,
         generation: config.generation,
+        join,
         primary_nonce,
         backup_nonce,
     };
@@ -638,12 +767,16 @@ async fn write_loop(
     keepalive: Duration,
 ) -> Result<(), ChannelError> {
     let mut batch = Vec::new();
+    let mut join = Vec::new();
     let abort = loop {
         let (closing, released) = {
             let mut st = lock(&shared.st);
             if let Some(e) = &st.error {
                 break e.abort_reason();
             }
+            // Pages and the join state go before any entry: entries are
+            // only queued after the join state.
+            std::mem::swap(&mut join, &mut st.join);
             std::mem::swap(&mut batch, &mut st.queue);
             // The watermark goes after the entries it names.
             let in_stream = st.written + batch.len() as u64;
@@ -655,6 +788,26 @@ async fn write_loop(
             }
             (st.closing, released)
         };
+        if !join.is_empty() {
+            let mut queued = 0;
+            for m in join.drain(..) {
+                queued += match &m {
+                    Msg::Pages { data, .. } => data.len(),
+                    Msg::JoinState { state } => state.len(),
+                    _ => 0,
+                };
+                fw.push(&m)?;
+            }
+            let bytes = fw.buf.len() as u64;
+            fw.flush(&mut wr, "sending the guest's state").await?;
+            {
+                let mut st = lock(&shared.st);
+                st.join_queued = st.join_queued.saturating_sub(queued);
+                st.join_written += bytes;
+                st.bytes += bytes;
+            }
+            shared.cv.notify_all();
+        }
         let n = batch.len() as u64;
         let last = batch.last().map(|e| e.seq);
         for e in batch.drain(..) {

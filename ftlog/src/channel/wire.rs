@@ -14,7 +14,7 @@ use crate::{ExecBackend, FramePos, LogEntry, LogError, LogHeader};
 /// The first eight bytes each side sends.
 pub const CHANNEL_MAGIC: [u8; 8] = *b"FTVMMCHN";
 /// The channel protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Magic plus version.
 pub const CHANNEL_PREAMBLE_LEN: usize = 12;
 /// Length of the handshake nonces and MACs.
@@ -34,6 +34,10 @@ pub(crate) enum Msg {
         image_digest: [u8; 32],
         /// The pairing generation the primary offers (from its arbiter).
         generation: u64,
+        /// The primary's guest is already running: the backup starts from
+        /// the state the primary sends (pages, then the state at the join
+        /// point), not from the image.
+        join: bool,
         nonce: [u8; NONCE_LEN],
     },
     /// Backup → primary: the backup's nonce.
@@ -63,6 +67,20 @@ pub(crate) enum Msg {
     /// Primary → backup: the primary has put out every output whose log
     /// entry is at or below `through` (coalesced: only the latest is sent).
     Released { through: u64 },
+    /// Primary → backup, joining: guest RAM from page `first` on (4 KiB
+    /// pages, `data` a whole number of them). A page sent again replaces
+    /// the earlier copy (pre-copy rounds).
+    Pages {
+        first: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// Primary → backup, joining: the VM's state at the join point (vCPU,
+    /// devices, run loop; RAM came as pages). The log follows from seq 0.
+    JoinState {
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
 }
 
 impl Msg {
@@ -81,6 +99,8 @@ impl Msg {
             Msg::Close => "close",
             Msg::Abort { .. } => "abort",
             Msg::Released { .. } => "released",
+            Msg::Pages { .. } => "pages",
+            Msg::JoinState { .. } => "join state",
         }
     }
 }
@@ -340,6 +360,7 @@ pub(crate) struct Transcript {
     pub backend: ExecBackend,
     pub image_digest: [u8; 32],
     pub generation: u64,
+    pub join: bool,
     pub primary_nonce: [u8; NONCE_LEN],
     pub backup_nonce: [u8; NONCE_LEN],
 }
@@ -360,6 +381,7 @@ fn mac_over(key: &[u8], who: Prover, t: &Transcript) -> Result<Hmac<Sha256>, Cha
     mac.update(&backend.to_le_bytes());
     mac.update(&t.image_digest);
     mac.update(&t.generation.to_le_bytes());
+    mac.update(&[u8::from(t.join)]);
     mac.update(&t.primary_nonce);
     mac.update(&t.backup_nonce);
     Ok(mac)
@@ -394,6 +416,7 @@ mod tests {
                 backend: ExecBackend::Pmu,
                 image_digest: [1; 32],
                 generation: 7,
+                join: true,
                 nonce: [2; 32],
             },
             Msg::Challenge { nonce: [3; 32] },
@@ -434,6 +457,13 @@ mod tests {
                 reason: "checksum".into(),
             },
             Msg::Released { through: 41 },
+            Msg::Pages {
+                first: 16,
+                data: vec![7; 8192],
+            },
+            Msg::JoinState {
+                state: vec![1, 2, 3],
+            },
         ]
     }
 
@@ -549,6 +579,7 @@ mod tests {
             backend: ExecBackend::Exits,
             image_digest: [1; 32],
             generation: 4,
+            join: false,
             primary_nonce: [2; 32],
             backup_nonce: [3; 32],
         };
@@ -570,6 +601,12 @@ mod tests {
         assert!(
             !verify(b"key", Prover::Primary, &t4, &mac).unwrap(),
             "the generation is bound by the MAC"
+        );
+        let mut t5 = t;
+        t5.join = true;
+        assert!(
+            !verify(b"key", Prover::Primary, &t5, &mac).unwrap(),
+            "whether the primary joins is bound by the MAC"
         );
         assert_ne!(nonce().unwrap(), nonce().unwrap());
     }
