@@ -63,6 +63,8 @@ fn ft_options(dir: &Path) -> FtOptions {
         heartbeat_timeout: Duration::from_secs(2),
         lag_time_bound: Duration::from_secs(1),
         net: None,
+        backup_wait: Duration::from_secs(30),
+        rejoin: None,
     }
 }
 

@@ -8,15 +8,17 @@ use ftlog::{BackupExpect, BackupListener, BackupReceiver, BusyListener};
 use vmm::link::ChannelSource;
 use vmm::points::PointMode;
 use vmm::replay::Replayer;
-use vmm::{Live, Machine, MachineConfig, RunEnd};
+use vmm::{Machine, MachineConfig, RunEnd};
 
 use crate::arbiter::Arbiter;
 use crate::ft_options::FtOptions;
 use crate::generation;
 use crate::go_live::{take_over, win_arbiter};
 use crate::heartbeat::Role;
+use crate::join;
 use crate::net::{self, NetOptions};
-use crate::output::ReplayOutputs;
+use crate::output::{ConsoleFile, ReplayOutputs};
+use crate::primary::{serve, LiveSide, PrimaryReport};
 
 /// Run as the backup: replay what arrives on `listen`; go live if the
 /// primary dies.
@@ -32,7 +34,8 @@ pub fn run_backup(
     let generation = rx.generation();
     // Same image (checked in the handshake), same memory and command line:
     // the backup starts from the primary's initial state.
-    let h = rx.header();
+    let header = rx.header().clone();
+    let h = &header;
     if u64::from(h.mem_mib) != cfg.mem_mib || h.cmdline != cfg.cmdline {
         eprintln!(
             "ftvmm: using the primary's guest configuration ({} MiB, {:?})",
@@ -53,7 +56,12 @@ pub fn run_backup(
     let watermark = rx.clone();
     let held = ReplayOutputs::new(&ft.console, Box::new(move || watermark.released_through()))?;
     cfg.outputs = Box::new(held.clone());
-    let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
+    // A joining primary's guest is already running: start from its state.
+    let mut m = if rx.joins() {
+        join::receive(&rx, cfg)?
+    } else {
+        Machine::new(cfg, image).context("cannot start the VM")?
+    };
     m.set_digest_kind(digest_kind);
     if let Some(n) = &net {
         net::attach(&mut m, n.mac)?;
@@ -69,11 +77,23 @@ pub fn run_backup(
     };
     // Go live at this exact point.
     win_arbiter(ft, generation, &format!("the primary is gone ({why})"))?;
-    let _tap = take_over(&mut m, &held, net.as_ref())?;
+    let tap = take_over(&mut m, &held, net.as_ref())?;
     if end != RunEnd::Paused {
         return Ok(end);
     }
-    Ok(m.run(&mut Live)?)
+    // Live: the primary now, alone until a new backup joins (if this side
+    // knows where one listens).
+    drop(held);
+    let side = LiveSide {
+        ft,
+        header: &header,
+        console: ConsoleFile::open(&ft.console)?,
+        tap: tap.as_ref().map(|l| l.tap().clone()),
+        peer: ft.rejoin.as_deref(),
+    };
+    let end = serve(&mut m, &side, &mut PrimaryReport::default())?;
+    drop(tap);
+    Ok(end)
 }
 
 /// Listen until a primary passes the handshake: strangers and refused

@@ -39,6 +39,12 @@ pub struct FtOptions {
     pub lag_time_bound: Duration,
     /// The guest's network device and the TAP the live side uses.
     pub net: Option<NetOptions>,
+    /// How long a booting primary waits for its backup to listen before it
+    /// boots alone (the backup then joins the running guest).
+    pub backup_wait: Duration,
+    /// A backup that went live: where a new backup listens, so redundancy
+    /// is restored (None: it runs alone for good).
+    pub rejoin: Option<String>,
 }
 
 impl FtOptions {

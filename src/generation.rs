@@ -48,6 +48,25 @@ pub fn claim_boot(arb: &Arbiter, pairing: u64) -> Result<()> {
     Ok(())
 }
 
+/// No backup listened at boot: claim the generation after the latest
+/// decided one for this boot, so this primary is the latest winner and may
+/// start the pairing of a backup that joins later
+/// (`Arbiter::start_generation`). Returns the generation claimed.
+pub fn claim_alone(arb: &Arbiter) -> Result<u64> {
+    let boot = arb
+        .latest_decided()?
+        .map_or(0, |(g, _)| g)
+        .saturating_add(1);
+    if let Outcome::Lost { winner } = arb.try_win(boot)? {
+        bail!(
+            "{winner} claimed generation {boot} in the arbiter directory {} first: another \
+             primary is starting the same VM; not starting a second one",
+            arb.dir().display()
+        );
+    }
+    Ok(boot)
+}
+
 /// Backup: whether a primary offering generation `offered` may pair. A
 /// generation at or below the latest decided one belongs to a pairing that
 /// is over (or to another arbiter directory that has seen more pairings).

@@ -14,6 +14,7 @@ pub mod generation;
 pub mod go_live;
 pub mod guest;
 pub mod heartbeat;
+pub mod join;
 pub mod net;
 pub mod netns;
 pub mod output;

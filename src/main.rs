@@ -171,9 +171,16 @@ struct FtArgs {
     /// Run as the backup, replaying the log received on --listen.
     #[arg(long, requires_all = ["listen", "arbiter", "console_file"])]
     backup: bool,
-    /// The backup's logging-channel address (primary).
+    /// The backup's logging-channel address. A primary pairs with the
+    /// backup there; a side running alone (a primary whose backup is gone,
+    /// a backup that went live) lets a new backup there join the running
+    /// guest, so redundancy comes back after every failure.
     #[arg(long, value_name = "HOST:PORT")]
     peer: Option<String>,
+    /// Milliseconds a booting primary waits for its backup to listen
+    /// before it boots alone (the backup may then join at any time).
+    #[arg(long, default_value_t = 5000)]
+    backup_wait_ms: u64,
     /// Where to accept the primary (backup).
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
@@ -262,6 +269,8 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
             f.heartbeat_timeout_ms.unwrap_or(f.peer_timeout_ms),
         ),
         net: args.net.options()?,
+        backup_wait: Duration::from_millis(f.backup_wait_ms),
+        rejoin: f.peer.clone().filter(|_| f.backup),
     };
     let cfg = args.vm.config();
     let end = if f.primary {

@@ -28,8 +28,9 @@ use crate::ft_options::FtOptions;
 use crate::generation;
 use crate::go_live::win_arbiter;
 use crate::heartbeat::{PeerWatch, Role};
+use crate::join::{join_point, BackupSearch, JoinReport, JoinWatch};
 use crate::net::{self, LiveTap};
-use crate::output::{ConsoleFile, GatedOutputs, Output};
+use crate::output::{ConsoleFile, ConsoleTarget, Direct, GatedOutputs, Output};
 use crate::release::OutputRelease;
 use crate::rr::{header_for, RecordOptions};
 use crate::throttle::{ThrottleBounds, Throttled};
@@ -49,6 +50,8 @@ pub struct PrimaryReport {
     pub log_bytes: u64,
     /// Log entries written.
     pub log_entries: u64,
+    /// Every backup that joined the running guest.
+    pub joins: Vec<JoinReport>,
 }
 
 /// A status line every 2 s: entries, bytes, ack latency, lag, held output.
@@ -81,18 +84,27 @@ fn spawn_status(
     })
 }
 
-/// Connect to the backup, retrying for 30 s while it is not listening yet.
-fn connect(peer: &str, cfg: &ChannelConfig, header: &ftlog::LogHeader) -> Result<PrimarySender> {
+/// Connect to the backup at boot, retrying for `wait` while it is not
+/// listening yet; None if nobody listened in that time (the guest then
+/// boots alone and the backup joins later). A backup that refuses is an
+/// error: the two sides are configured differently.
+fn connect_at_boot(
+    peer: &str,
+    cfg: &ChannelConfig,
+    header: &ftlog::LogHeader,
+    wait: Duration,
+) -> Result<Option<PrimarySender>> {
     let start = Instant::now();
     loop {
         match PrimarySender::connect(peer, cfg, header) {
-            Ok(tx) => return Ok(tx),
-            Err(ftlog::ChannelError::Connect { .. })
-                if start.elapsed() < Duration::from_secs(30) =>
-            {
+            Ok(tx) => return Ok(Some(tx)),
+            Err(ftlog::ChannelError::Connect { .. }) if start.elapsed() < wait => {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot reach the backup at {peer}")),
+            Err(ftlog::ChannelError::Connect { .. }) => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot pair with the backup at {peer}"))
+            }
         }
     }
 }
@@ -162,18 +174,29 @@ fn watch_heartbeats(
     })))
 }
 
-/// Pair with the backup at `peer`: offer a new generation, connect, and
-/// claim the boot once the backup accepted (generation.rs).
-fn pair(
+/// Pair with the backup at `peer` at boot: offer a new generation,
+/// connect, and claim the boot once the backup accepted (generation.rs).
+/// None: no backup listened within `--backup-wait-ms`; the boot was
+/// claimed alone and a backup may join later.
+fn pair_at_boot(
     peer: &str,
     ft: &FtOptions,
     header: &ftlog::LogHeader,
-) -> Result<(Arc<PrimarySender>, u64)> {
+) -> Result<Option<(Arc<PrimarySender>, u64)>> {
     let arbiter = Arbiter::new(&ft.arbiter, &ft.node_id)?;
     let generation = generation::offer(&arbiter)?;
     let mut channel = ft.channel_config();
     channel.generation = generation;
-    let tx = Arc::new(connect(peer, &channel, header)?);
+    let Some(tx) = connect_at_boot(peer, &channel, header, ft.backup_wait)? else {
+        let boot = generation::claim_alone(&arbiter)?;
+        eprintln!(
+            "ftvmm: {} found no backup at {peer} within {:?}; booting alone as generation {boot}, \
+             a backup may join at any time",
+            ft.node_id, ft.backup_wait
+        );
+        return Ok(None);
+    };
+    let tx = Arc::new(tx);
     if let Err(e) = generation::claim_boot(&arbiter, generation) {
         tx.abort(e.to_string());
         return Err(e);
@@ -183,19 +206,18 @@ fn pair(
         ft.node_id,
         tx.peer_addr()
     );
-    Ok((tx, generation))
+    Ok(Some((tx, generation)))
 }
 
 /// After the paired run: close cleanly with everything acknowledged, or
 /// let the arbiter decide whether this side goes on alone.
 fn end_pairing(
-    m: &mut Machine,
     paired: PairEnd,
     tx: &PrimarySender,
     release: &OutputRelease,
     ft: &FtOptions,
     generation: u64,
-) -> Result<RunEnd> {
+) -> Result<Paired> {
     match paired {
         PairEnd::Complete(end) => {
             release.acknowledged(tx.next_seq().saturating_sub(1));
@@ -206,7 +228,7 @@ fn end_pairing(
                     "ftvmm: the backup has the whole log; the logging channel did not close cleanly ({e})"
                 ),
             }
-            Ok(end)
+            Ok(Paired::GuestEnded(end))
         }
         PairEnd::ChannelFailed(why, end) => {
             // The arbiter first: a backup declared dead (lagging, silent)
@@ -216,10 +238,10 @@ fn end_pairing(
             tx.abort(why);
             let alone = won?;
             release.go_alone(&alone);
-            match end {
-                Some(end) => Ok(end),
-                None => Ok(m.run(&mut Live)?),
-            }
+            Ok(match end {
+                Some(end) => Paired::GuestEnded(end),
+                None => Paired::Alone,
+            })
         }
         PairEnd::VmFailed(e) => {
             tx.abort(format!("the primary's VM failed: {e}"));
@@ -228,7 +250,130 @@ fn end_pairing(
     }
 }
 
-/// Run as the primary: record into the channel to `peer`.
+/// How a pairing ended for a side that goes on.
+enum Paired {
+    /// The guest ended (the backup has the whole log, or this side won the
+    /// arbiter after the guest's end).
+    GuestEnded(RunEnd),
+    /// The backup is gone and this side won the arbiter: it runs alone and
+    /// accepts the next backup.
+    Alone,
+}
+
+/// What a live VM needs besides the machine: where its outputs go, and
+/// what it offers a joining backup.
+pub struct LiveSide<'a> {
+    /// The FT options.
+    pub ft: &'a FtOptions,
+    /// The guest's log header (the same for every pairing of this VM).
+    pub header: &'a ftlog::LogHeader,
+    /// The console file, written at stream offsets.
+    pub console: ConsoleFile,
+    /// The guest's TAP, when it has a network device.
+    pub tap: Option<netdev::Tap>,
+    /// Where a new backup listens; None: this side never pairs again.
+    pub peer: Option<&'a str>,
+}
+
+impl LiveSide<'_> {
+    fn direct(&self) -> Box<Direct> {
+        Box::new(Direct::new(
+            ConsoleTarget::File(self.console.clone()),
+            self.tap.clone(),
+        ))
+    }
+}
+
+/// Record one pairing of `m` into `tx`: outputs wait for the backup's
+/// acknowledgements; a join starts with a state digest at the join point.
+fn run_pairing(
+    m: &mut Machine,
+    tx: Arc<PrimarySender>,
+    generation: u64,
+    side: &LiveSide<'_>,
+    joined: bool,
+    report: &mut PrimaryReport,
+) -> Result<Paired> {
+    let ft = side.ft;
+    // Every output (console bytes, frames) waits in the gate until the
+    // backup has acknowledged its own log entry.
+    let gate = OutputGate::new();
+    m.set_output_sink(Box::new(GatedOutputs::new(gate.clone())));
+    let release = OutputRelease::start(
+        gate.clone(),
+        tx.clone(),
+        side.console.clone(),
+        side.tap.clone(),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let status = spawn_status(tx.clone(), gate.clone(), done.clone());
+    let watch = watch_heartbeats(ft, generation, &tx)?;
+    let bounds = ThrottleBounds {
+        lag: ft.lag_time_bound,
+        give_up: ft.throttle_limit(),
+    };
+    let mut recorder = Recorder::new(tx.clone(), Some(ft.digest_every));
+    let paired = match joined.then(|| recorder.log_digest(m)).transpose() {
+        // Both sides' state at the join point, compared by the backup.
+        Err(e) => PairEnd::ChannelFailed(format!("cannot log the join point's digest ({e})"), None),
+        Ok(_) => {
+            let rec = Throttled::new(recorder, tx.clone(), gate.clone(), bounds);
+            run_paired(m, rec, &tx, ft)
+        }
+    };
+    drop(watch);
+    let end = end_pairing(paired, &tx, &release, ft, generation);
+    done.store(true, Ordering::Release);
+    let released = release.finish();
+    if status.join().is_err() {
+        tracing::warn!("the status thread panicked");
+    }
+    // From here on nothing waits for an acknowledgement.
+    m.set_output_sink(side.direct());
+    let stats = tx.stats();
+    report.output_delays.extend(released.report.output_delays);
+    report.frame_delays.extend(released.report.frame_delays);
+    report.ack_latencies.extend(released.ack_latencies);
+    report.log_bytes += stats.bytes_written;
+    report.log_entries += stats.entries_written;
+    end
+}
+
+/// Run `m` alone: its outputs go straight out. With a backup address, a
+/// backup may join at any time: a pairing then starts at the join point,
+/// and when it ends with this side alone again, the next backup may join.
+/// Returns when the guest ends.
+pub fn serve(m: &mut Machine, side: &LiveSide<'_>, report: &mut PrimaryReport) -> Result<RunEnd> {
+    loop {
+        m.set_output_sink(side.direct());
+        let Some(peer) = side.peer else {
+            return Ok(m.run(&mut Live)?);
+        };
+        let search = BackupSearch::start(peer, side.ft, side.header, m.host_inputs());
+        let mut watch = JoinWatch::new(search);
+        let end = m.run(&mut watch)?;
+        let Some(ready) = watch.take_ready() else {
+            return Ok(end);
+        };
+        drop(watch);
+        let (joined, join) = match join_point(m, ready) {
+            Ok(j) => j,
+            Err(e) => {
+                // The backup has no state yet: it cannot go live.
+                eprintln!("ftvmm: the join failed at the join point ({e:#}); running alone");
+                continue;
+            }
+        };
+        report.joins.push(join);
+        match run_pairing(m, joined.tx, joined.generation, side, true, report)? {
+            Paired::GuestEnded(end) => return Ok(end),
+            Paired::Alone => {}
+        }
+    }
+}
+
+/// Run as the primary: record into the channel to `peer`, or, if no backup
+/// listens there at boot, run alone until one joins.
 pub fn run_primary(
     image: &[u8],
     mut cfg: MachineConfig,
@@ -244,12 +389,8 @@ pub fn run_primary(
     let header = header_for(image, &cfg, &opts)?;
     // The guest gets exactly the CPUID table the header tells the backup.
     cfg.cpuid = Some(header.cpuid.clone());
-    let (tx, generation) = pair(peer, ft, &header)?;
+    let boot_pairing = pair_at_boot(peer, ft, &header)?;
     let console = ConsoleFile::open(&ft.console)?;
-    // Every output (console bytes, frames) waits in the gate until the
-    // backup has acknowledged its own log entry.
-    let gate = OutputGate::new();
-    cfg.outputs = Box::new(GatedOutputs::new(gate.clone()));
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
     // The primary reads its TAP from the start.
     let live_tap = match &ft.net {
@@ -259,42 +400,24 @@ pub fn run_primary(
         }
         None => None,
     };
-    let release = OutputRelease::start(
-        gate.clone(),
-        tx.clone(),
+    let side = LiveSide {
+        ft,
+        header: &header,
         console,
-        live_tap.as_ref().map(|l| l.tap().clone()),
-    );
-    let done = Arc::new(AtomicBool::new(false));
-    let status = spawn_status(tx.clone(), gate.clone(), done.clone());
-    let watch = watch_heartbeats(ft, generation, &tx)?;
-    let bounds = ThrottleBounds {
-        lag: ft.lag_time_bound,
-        give_up: ft.throttle_limit(),
+        tap: live_tap.as_ref().map(|l| l.tap().clone()),
+        peer: Some(peer),
     };
-    let rec = Throttled::new(
-        Recorder::new(tx.clone(), opts.digest_every),
-        tx.clone(),
-        gate.clone(),
-        bounds,
-    );
-    let paired = run_paired(&mut m, rec, &tx, ft);
-    drop(watch);
-    let end = end_pairing(&mut m, paired, &tx, &release, ft, generation);
-    done.store(true, Ordering::Release);
-    let released = release.finish();
-    if status.join().is_err() {
-        tracing::warn!("the status thread panicked");
-    }
+    let mut report = PrimaryReport::default();
+    let end = match boot_pairing {
+        Some((tx, generation)) => {
+            match run_pairing(&mut m, tx, generation, &side, false, &mut report)? {
+                Paired::GuestEnded(end) => end,
+                Paired::Alone => serve(&mut m, &side, &mut report)?,
+            }
+        }
+        None => serve(&mut m, &side, &mut report)?,
+    };
     drop(live_tap);
-    let end = end?;
-    let stats = tx.stats();
-    Ok(PrimaryReport {
-        end: Some(end),
-        output_delays: released.report.output_delays,
-        frame_delays: released.report.frame_delays,
-        ack_latencies: released.ack_latencies,
-        log_bytes: stats.bytes_written,
-        log_entries: stats.entries_written,
-    })
+    report.end = Some(end);
+    Ok(report)
 }

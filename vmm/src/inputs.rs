@@ -37,6 +37,9 @@ struct Queue {
     frames: VecDeque<Vec<u8>>,
     frames_dropped: u64,
     stop: bool,
+    /// A host thread has news for the vCPU thread's observer: the idle
+    /// wait returns once.
+    woken: bool,
     kicker: Option<Kicker>,
 }
 
@@ -153,8 +156,15 @@ impl HostInputs {
         .unwrap_or_default()
     }
 
+    /// End an idle guest's wait once, without an input: a host thread has
+    /// news for the observer (a backup connected to join), which sees it
+    /// at the point the wait returns to. A running guest is not disturbed.
+    pub fn wake(&self) {
+        self.with(|q| q.woken = true);
+    }
+
     /// Block until serial input (or, with `frames`, a frame) is queued, a
-    /// stop is requested, or `deadline`.
+    /// stop is requested, [`wake`](HostInputs::wake), or `deadline`.
     pub fn wait(&self, deadline: Option<Instant>, frames: bool) -> Wake {
         let (m, cv) = &*self.inner;
         let Ok(mut q) = m.lock() else {
@@ -165,6 +175,10 @@ impl HostInputs {
                 return Wake::Stop;
             }
             if !q.serial.is_empty() || (frames && !q.frames.is_empty()) {
+                return Wake::Ready;
+            }
+            if q.woken {
+                q.woken = false;
                 return Wake::Ready;
             }
             let now = Instant::now();
