@@ -511,6 +511,26 @@ pub fn default_node_id(role: &str) -> String {
     format!("{role}@{host}-{pid}")
 }
 
+/// A node id that stays the same when the process restarts: `role@host-`
+/// and the node's channel address (its port tells two nodes on one host
+/// apart). For `--pair`, whose nodes must be recognised as the latest
+/// winner after a restart.
+pub fn stable_node_id(role: &str, listen: &str) -> String {
+    let addr: String = listen
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let room = MAX_NODE_ID_LEN.saturating_sub(role.len() + 2 + addr.len());
+    let host: String = hostname().chars().take(room).collect();
+    format!("{role}@{host}-{addr}")
+}
+
 /// This host's name, restricted to characters safe in a file name.
 fn hostname() -> String {
     let raw = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

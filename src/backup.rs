@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use ftlog::{BackupExpect, BackupListener, BackupReceiver, BusyListener};
+use ftlog::{BackupExpect, BackupListener, BackupReceiver};
 use vmm::link::ChannelSource;
 use vmm::points::PointMode;
 use vmm::replay::Replayer;
@@ -24,13 +24,43 @@ use crate::primary::{serve, LiveSide, PrimaryReport};
 /// primary dies.
 pub fn run_backup(
     image: &[u8],
-    mut cfg: MachineConfig,
+    cfg: MachineConfig,
     listen: &str,
+    ft: &FtOptions,
+) -> Result<RunEnd> {
+    let listener = listen_for_primary(image, listen, ft)?;
+    eprintln!("ftvmm: backup waiting for the primary on {listen}");
+    let rx = listener
+        .accept_reporting(None, report_refusal)
+        .context("no primary connected")?;
+    replay(image, cfg, listener, rx, ft)
+}
+
+/// A refused connection: logged, and the wait goes on.
+pub fn report_refusal(peer: std::net::SocketAddr, e: &ftlog::ChannelError) {
+    eprintln!("ftvmm: refused a connection from {peer}: {e}; still waiting for the primary");
+}
+
+/// Replay what the primary that `listener` accepted (`rx`) sends, from its
+/// boot or from the join point; go live if the primary dies.
+pub fn replay(
+    image: &[u8],
+    mut cfg: MachineConfig,
+    listener: BackupListener,
+    rx: BackupReceiver,
     ft: &FtOptions,
 ) -> Result<RunEnd> {
     cfg.points = PointMode::Exits;
     cfg.live_timers = false;
-    let (rx, _busy) = wait_for_primary(image, listen, ft)?;
+    eprintln!(
+        "ftvmm: paired with the primary at {} (generation {})",
+        rx.peer_addr(),
+        rx.generation()
+    );
+    // From now on the port refuses every connection, so nothing disturbs
+    // the replay.
+    let _busy = listener.refuse_all(rx.generation());
+    let rx = Arc::new(rx);
     let generation = rx.generation();
     // Same image (checked in the handshake), same memory and command line:
     // the backup starts from the primary's initial state.
@@ -96,37 +126,19 @@ pub fn run_backup(
     Ok(end)
 }
 
-/// Listen until a primary passes the handshake: strangers and refused
-/// primaries are logged and the wait goes on. Afterwards the port refuses
-/// every connection (the returned listener), so nothing disturbs the replay.
-fn wait_for_primary(
-    image: &[u8],
-    listen: &str,
-    ft: &FtOptions,
-) -> Result<(Arc<BackupReceiver>, BusyListener)> {
+/// Listen for a primary: one that passes the handshake (key, version,
+/// backend, image, a generation not older than the arbiter's latest) is
+/// accepted; strangers and refused primaries are reported and the wait
+/// goes on.
+pub fn listen_for_primary(image: &[u8], listen: &str, ft: &FtOptions) -> Result<BackupListener> {
     let expect = BackupExpect {
         backend: ftlog::ExecBackend::Exits,
         image_digest: vmm::digest::image_digest(image),
     };
     let arbiter = Arbiter::new(&ft.arbiter, &ft.node_id)?;
-    let listener = BackupListener::bind(listen, &ft.channel_config(), expect)
+    Ok(BackupListener::bind(listen, &ft.channel_config(), expect)
         .with_context(|| format!("cannot listen on {listen}"))?
-        .with_generation_check(move |g| generation::check_offer(&arbiter, g));
-    eprintln!("ftvmm: backup waiting for the primary on {listen}");
-    let rx = listener
-        .accept_reporting(None, |peer, e| {
-            eprintln!(
-                "ftvmm: refused a connection from {peer}: {e}; still waiting for the primary"
-            );
-        })
-        .context("no primary connected")?;
-    eprintln!(
-        "ftvmm: paired with the primary at {} (generation {})",
-        rx.peer_addr(),
-        rx.generation()
-    );
-    let busy = listener.refuse_all(rx.generation());
-    Ok((Arc::new(rx), busy))
+        .with_generation_check(move |g| generation::check_offer(&arbiter, g)))
 }
 
 /// The replay reached the guest's end with the primary's log: it must end

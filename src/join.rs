@@ -61,6 +61,7 @@ pub struct Joined {
 pub struct BackupSearch {
     found: Arc<Mutex<Option<Joined>>>,
     stop: Arc<AtomicBool>,
+    offer: Arc<(String, FtOptions, LogHeader, HostInputs)>,
 }
 
 impl BackupSearch {
@@ -68,14 +69,24 @@ impl BackupSearch {
     /// new generation from the arbiter each time (only the latest winner
     /// may start one, so a side that lost ownership offers nothing).
     pub fn start(peer: &str, ft: &FtOptions, header: &LogHeader, wake: HostInputs) -> Self {
-        let found = Arc::new(Mutex::new(None));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (f, s) = (found.clone(), stop.clone());
-        let (peer, ft, header) = (peer.to_owned(), ft.clone(), header.clone());
+        let s = BackupSearch {
+            found: Arc::new(Mutex::new(None)),
+            stop: Arc::new(AtomicBool::new(false)),
+            offer: Arc::new((peer.to_owned(), ft.clone(), header.clone(), wake)),
+        };
+        s.again();
+        s
+    }
+
+    /// Search (again, after a join that failed).
+    fn again(&self) {
+        let (found, stop, offer) = (self.found.clone(), self.stop.clone(), self.offer.clone());
         // Detached: an offer in progress ends within the handshake timeout
         // and then sees `stop`.
-        std::thread::spawn(move || search(&peer, &ft, &header, &f, &s, &wake));
-        BackupSearch { found, stop }
+        std::thread::spawn(move || {
+            let (peer, ft, header, wake) = &*offer;
+            search(peer, ft, header, &found, &stop, wake);
+        });
     }
 
     /// The backup that accepted, once one did (taken once).
@@ -225,11 +236,13 @@ impl JoinWatch {
             Ok(Err(e)) => {
                 eprintln!("ftvmm: the join failed during the pre-copy ({e}); running alone, waiting for the next backup");
                 joined.tx.abort(format!("the join failed: {e}"));
+                self.search.again();
                 false
             }
             Err(_) => {
-                eprintln!("ftvmm: the pre-copy thread panicked; running alone");
+                eprintln!("ftvmm: the pre-copy thread panicked; running alone, waiting for the next backup");
                 joined.tx.abort("the primary's pre-copy failed");
+                self.search.again();
                 false
             }
         }

@@ -18,6 +18,7 @@ pub mod join;
 pub mod net;
 pub mod netns;
 pub mod output;
+pub mod pair;
 pub mod primary;
 pub mod release;
 pub mod rr;

@@ -171,6 +171,13 @@ struct FtArgs {
     /// Run as the backup, replaying the log received on --listen.
     #[arg(long, requires_all = ["listen", "arbiter", "console_file"])]
     backup: bool,
+    /// Run as one node of a pair, with the same command line on both hosts
+    /// (each with its own --listen and the other's --peer): join the live
+    /// peer as its backup, or boot the guest after winning a new
+    /// generation; after every failover the survivor accepts the other
+    /// node back (docs/failover.md).
+    #[arg(long, conflicts_with_all = ["primary", "backup"], requires_all = ["listen", "peer", "arbiter", "console_file"])]
+    pair: bool,
     /// The backup's logging-channel address. A primary pairs with the
     /// backup there; a side running alone (a primary whose backup is gone,
     /// a backup that went live) lets a new backup there join the running
@@ -245,17 +252,26 @@ impl VmArgs {
 
 fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
     let f = &args.ft;
-    let role = if f.primary { "primary" } else { "backup" };
+    let role = if f.primary {
+        "primary"
+    } else if f.pair {
+        "pair"
+    } else {
+        "backup"
+    };
     if f.key.is_empty() {
         anyhow::bail!("the logging channel needs a shared key: set FTVMM_KEY or pass --key");
     }
     let ft = ftvmm::ft_options::FtOptions {
         key: f.key.as_bytes().to_vec(),
         arbiter: f.arbiter.clone().context("--arbiter is required")?,
-        node_id: f
-            .node_id
-            .clone()
-            .unwrap_or_else(|| ftvmm::arbiter::default_node_id(role)),
+        node_id: match (&f.node_id, &f.listen) {
+            (Some(id), _) => id.clone(),
+            // A pair's node keeps its id across restarts: the arbiter lets
+            // the latest winner, and only it, start the next generation.
+            (None, Some(listen)) if f.pair => ftvmm::arbiter::stable_node_id(role, listen),
+            _ => ftvmm::arbiter::default_node_id(role),
+        },
         console: f
             .console_file
             .clone()
@@ -270,10 +286,14 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
         ),
         net: args.net.options()?,
         backup_wait: Duration::from_millis(f.backup_wait_ms),
-        rejoin: f.peer.clone().filter(|_| f.backup),
+        rejoin: f.peer.clone().filter(|_| f.backup || f.pair),
     };
     let cfg = args.vm.config();
-    let end = if f.primary {
+    let end = if f.pair {
+        let listen = f.listen.as_deref().context("--listen is required")?;
+        let peer = f.peer.as_deref().context("--peer is required")?;
+        ftvmm::pair::run_pair(image, &|| args.vm.config(), listen, peer, &ft)?
+    } else if f.primary {
         let peer = f.peer.as_deref().context("--peer is required")?;
         ftvmm::primary::run_primary(image, cfg, peer, &ft)?
             .end
@@ -288,7 +308,7 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
 
 fn run(args: RunArgs) -> Result<ExitCode> {
     let image = args.vm.kernel_image()?;
-    if args.ft.primary || args.ft.backup {
+    if args.ft.primary || args.ft.backup || args.ft.pair {
         return run_ft(&args, &image);
     }
     let mut m = Machine::new(args.vm.config(), &image).context("cannot start the VM")?;

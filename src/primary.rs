@@ -98,13 +98,19 @@ fn connect_at_boot(
     loop {
         match PrimarySender::connect(peer, cfg, header) {
             Ok(tx) => return Ok(Some(tx)),
-            Err(ftlog::ChannelError::Connect { .. }) if start.elapsed() < wait => {
+            // A backup that refuses us, or fails to prove the key, is
+            // configured differently: an error. Anything else (nobody
+            // listening yet, a connection that broke) is no backup yet.
+            Err(
+                e @ (ftlog::ChannelError::Refused(_)
+                | ftlog::ChannelError::BackupAuth
+                | ftlog::ChannelError::Config(_)),
+            ) => return Err(e).with_context(|| format!("cannot pair with the backup at {peer}")),
+            Err(e) if start.elapsed() < wait => {
+                tracing::debug!("no backup at {peer} yet: {e}");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(ftlog::ChannelError::Connect { .. }) => return Ok(None),
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot pair with the backup at {peer}"))
-            }
+            Err(_) => return Ok(None),
         }
     }
 }
@@ -376,10 +382,34 @@ pub fn serve(m: &mut Machine, side: &LiveSide<'_>, report: &mut PrimaryReport) -
 /// listens there at boot, run alone until one joins.
 pub fn run_primary(
     image: &[u8],
-    mut cfg: MachineConfig,
+    cfg: MachineConfig,
     peer: &str,
     ft: &FtOptions,
 ) -> Result<PrimaryReport> {
+    let (cfg, header) = prepare(image, cfg, ft)?;
+    let boot_pairing = pair_at_boot(peer, ft, &header)?;
+    boot(image, cfg, &header, peer, ft, boot_pairing)
+}
+
+/// Boot the guest as a primary that already owns it (it won the boot
+/// generation), alone; backups join at `peer`.
+pub fn run_owned(
+    image: &[u8],
+    cfg: MachineConfig,
+    peer: &str,
+    ft: &FtOptions,
+) -> Result<PrimaryReport> {
+    let (cfg, header) = prepare(image, cfg, ft)?;
+    boot(image, cfg, &header, peer, ft, None)
+}
+
+/// The primary's machine configuration and the log header every pairing
+/// of its guest carries.
+fn prepare(
+    image: &[u8],
+    mut cfg: MachineConfig,
+    ft: &FtOptions,
+) -> Result<(MachineConfig, ftlog::LogHeader)> {
     cfg.points = PointMode::Exits;
     let opts = RecordOptions {
         backend: ftlog::ExecBackend::Exits,
@@ -389,7 +419,17 @@ pub fn run_primary(
     let header = header_for(image, &cfg, &opts)?;
     // The guest gets exactly the CPUID table the header tells the backup.
     cfg.cpuid = Some(header.cpuid.clone());
-    let boot_pairing = pair_at_boot(peer, ft, &header)?;
+    Ok((cfg, header))
+}
+
+fn boot(
+    image: &[u8],
+    cfg: MachineConfig,
+    header: &ftlog::LogHeader,
+    peer: &str,
+    ft: &FtOptions,
+    boot_pairing: Option<(Arc<PrimarySender>, u64)>,
+) -> Result<PrimaryReport> {
     let console = ConsoleFile::open(&ft.console)?;
     let mut m = Machine::new(cfg, image).context("cannot start the VM")?;
     // The primary reads its TAP from the start.
@@ -400,9 +440,14 @@ pub fn run_primary(
         }
         None => None,
     };
+    if let Some(n) = &ft.net {
+        if let Some(l) = &live_tap {
+            l.announce(n.mac);
+        }
+    }
     let side = LiveSide {
         ft,
-        header: &header,
+        header,
         console,
         tap: live_tap.as_ref().map(|l| l.tap().clone()),
         peer: Some(peer),

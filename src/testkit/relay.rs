@@ -373,6 +373,7 @@ fn activate(shared: &Shared, st: &mut State, fault: Fault, deferred: Option<&Arc
         Fault::FreezeAcks => st.freeze = Freeze::Both(st.counters.primary_told),
         Fault::FreezeExecuted => st.freeze = Freeze::Executed(st.counters.primary_told.executed),
         Fault::Heal => {
+            st.ended = None;
             st.cut = false;
             st.delay = Duration::ZERO;
             st.freeze = Freeze::None;

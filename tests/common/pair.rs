@@ -451,3 +451,33 @@ pub fn check_no_gap(console: &[u8]) -> Result<(), String> {
         Some(i) => Err(format!("gap (NUL) at byte {i} of {}", console.len())),
     }
 }
+
+/// Consoles written at offsets by several sides (or several lives of one
+/// side), where a side that joined a running guest wrote nothing before
+/// its join point (NUL bytes there): wherever two of them both wrote a
+/// byte, they agree; and together they leave no gap. Returns the union.
+pub fn check_union(consoles: &[(String, Vec<u8>)]) -> Result<Vec<u8>, String> {
+    let len = consoles.iter().map(|(_, c)| c.len()).max().unwrap_or(0);
+    let mut union = vec![0u8; len];
+    let mut by = vec![usize::MAX; len];
+    for (k, (_, c)) in consoles.iter().enumerate() {
+        for (i, &b) in c.iter().enumerate() {
+            if b == 0 {
+                continue;
+            }
+            if union[i] != 0 && union[i] != b {
+                return Err(format!(
+                    "{} and {} differ at byte {i}: {:?} vs {:?}",
+                    consoles[by[i]].0,
+                    consoles[k].0,
+                    around(&union, i),
+                    around(c, i)
+                ));
+            }
+            union[i] = b;
+            by[i] = k;
+        }
+    }
+    check_no_gap(&union).map_err(|e| format!("together the consoles have a {e}"))?;
+    Ok(union)
+}
