@@ -190,8 +190,9 @@ fn a_join_interrupted_at_random_moments_leaves_a_live_side_that_the_next_backup_
         let ok = wait_for(LIMIT, || b2.stderr().contains("joined:"));
         assert!(
             ok,
-            "no second join within {LIMIT:?}\n{}",
-            format!("{what}\n{}{}", live.describe(), b2.describe())
+            "no second join within {LIMIT:?}\n{what}\n{}{}",
+            live.describe(),
+            b2.describe()
         );
         std::thread::sleep(Duration::from_millis(300));
         live.kill();
