@@ -56,6 +56,7 @@ pub struct PrimaryReport {
 
 /// A status line every 2 s: entries, bytes, ack latency, lag, held output.
 fn spawn_status(
+    generation: u64,
     tx: Arc<PrimarySender>,
     gate: OutputGate<Output>,
     done: Arc<AtomicBool>,
@@ -71,8 +72,9 @@ fn spawn_status(
             let s = tx.stats();
             let secs = last.2.elapsed().as_secs_f64();
             eprintln!(
-                "[primary {:.0}s] {:.0} entries/s, {:.0} bytes/s, ack latency {:?}, lag {} entries, {} outputs held",
+                "[primary {:.0}s] generation {generation}, {}; {:.0} entries/s, {:.0} bytes/s, ack latency {:?}, lag {} entries, {} outputs held",
                 start.elapsed().as_secs_f64(),
+                if s.lag < 1000 { "in sync" } else { "backup lagging" },
                 (s.entries_written - last.0) as f64 / secs,
                 (s.bytes_written - last.1) as f64 / secs,
                 s.ack_latency,
@@ -312,7 +314,7 @@ fn run_pairing(
         side.tap.clone(),
     );
     let done = Arc::new(AtomicBool::new(false));
-    let status = spawn_status(tx.clone(), gate.clone(), done.clone());
+    let status = spawn_status(generation, tx.clone(), gate.clone(), done.clone());
     let watch = watch_heartbeats(ft, generation, &tx)?;
     let bounds = ThrottleBounds {
         lag: ft.lag_time_bound,
@@ -355,6 +357,10 @@ pub fn serve(m: &mut Machine, side: &LiveSide<'_>, report: &mut PrimaryReport) -
         let Some(peer) = side.peer else {
             return Ok(m.run(&mut Live)?);
         };
+        eprintln!(
+            "ftvmm: {} runs the guest alone (unprotected); a backup may join at {peer}",
+            side.ft.node_id
+        );
         let search = BackupSearch::start(peer, side.ft, side.header, m.host_inputs());
         let mut watch = JoinWatch::new(search);
         let end = m.run(&mut watch)?;
