@@ -149,6 +149,11 @@ fn offer(peer: &str, ft: &FtOptions, header: &LogHeader) -> Result<Option<Joined
         .context("this side may not start a new pairing")?;
     let mut cfg = ft.channel_config();
     cfg.generation = generation;
+    // A peer that does not finish the handshake within a few peer
+    // timeouts is as good as dead: try again rather than wait longer.
+    cfg.handshake_timeout = cfg
+        .handshake_timeout
+        .min((ft.peer_timeout * 4).max(Duration::from_secs(2)));
     match PrimarySender::connect_joining(peer, &cfg, header) {
         Ok(tx) => Ok(Some(Joined {
             tx: Arc::new(tx),

@@ -643,6 +643,9 @@ impl Machine {
             }),
         };
         self.vcpu.set_kvm_immediate_exit(0);
+        // Finishing the instruction moved the registers (an IN's result,
+        // RIP); the point keeps naming where the vCPU stopped.
+        self.regs = None;
         r
     }
 }
