@@ -384,12 +384,17 @@ impl PrimarySender {
     /// Block until every page and the join state queued so far are written
     /// to the socket (not necessarily read by the backup).
     pub fn flush_join(&self) -> Result<(), ChannelError> {
+        self.wait_until(|st| st.join_queued == 0)
+    }
+
+    /// Block until `done` holds, or the channel fails.
+    fn wait_until(&self, done: impl Fn(&State) -> bool) -> Result<(), ChannelError> {
         let mut st = lock(&self.shared.st);
         loop {
             if let Some(e) = &st.error {
                 return Err(e.clone());
             }
-            if st.join_queued == 0 {
+            if done(&st) {
                 return Ok(());
             }
             st = self
@@ -408,20 +413,7 @@ impl PrimarySender {
     /// Block until every entry sent so far is written to the socket (not
     /// necessarily acknowledged).
     pub fn flush(&self) -> Result<(), ChannelError> {
-        let mut st = lock(&self.shared.st);
-        loop {
-            if let Some(e) = &st.error {
-                return Err(e.clone());
-            }
-            if st.written >= st.next_seq {
-                return Ok(());
-            }
-            st = self
-                .shared
-                .cv
-                .wait(st)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
+        self.wait_until(|st| st.written >= st.next_seq)
     }
 
     /// What the backup has acknowledged so far.
