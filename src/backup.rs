@@ -78,7 +78,7 @@ pub fn replay(
     cfg.cpuid = Some(h.cpuid.clone());
     let net = backup_net(h.net_mac, ft.net.as_ref())?;
     // Beat towards the primary so it can tell this backup is alive.
-    let _heartbeat = ft.heartbeat(Role::Backup, generation)?;
+    let heartbeat = ft.heartbeat(Role::Backup, generation)?;
     let digest_kind = h.state_digest;
     // The backup's guest sends what the primary's sends; only the primary's
     // copy may reach the outside world: the console goes to a shadow file
@@ -112,8 +112,9 @@ pub fn replay(
         return Ok(end);
     }
     // Live: the primary now, alone until a new backup joins (if this side
-    // knows where one listens).
+    // knows where one listens); its heartbeats beat as a primary's then.
     drop(held);
+    drop(heartbeat);
     let side = LiveSide {
         ft,
         header: &header,
