@@ -67,6 +67,9 @@ struct ReplayArgs {
     /// Memory size and command line come from the log.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// The initrd the log was recorded with, if any.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// Do not show the replayed console.
     #[arg(long)]
     quiet: bool,
@@ -89,6 +92,11 @@ struct VmArgs {
     /// Default: the bundled test guest.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// An initrd (initramfs, e.g. an uncompressed cpio) for the kernel: the
+    /// first PVH module, or the bzImage ramdisk. Its digest goes into a
+    /// recording's log header.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// Guest memory in MiB (4 to 3072).
     #[arg(long, default_value_t = 64)]
     mem: u64,
@@ -223,8 +231,9 @@ impl VmArgs {
         }
     }
 
-    fn config(&self) -> MachineConfig {
+    fn config(&self) -> Result<MachineConfig> {
         let mut cfg = MachineConfig::new(self.mem, &self.cmdline, Box::new(console::Stdout));
+        cfg.initrd = read_initrd(self.initrd.as_deref())?;
         cfg.clock = match self.clock {
             ClockArg::Host => ClockMode::Host,
             ClockArg::Virtual => ClockMode::Virtual {
@@ -232,8 +241,13 @@ impl VmArgs {
             },
         };
         cfg.entropy = self.seed.map_or(Entropy::Host, Entropy::Seeded);
-        cfg
+        Ok(cfg)
     }
+}
+
+fn read_initrd(path: Option<&std::path::Path>) -> Result<Option<Vec<u8>>> {
+    path.map(|p| std::fs::read(p).with_context(|| format!("cannot read initrd {}", p.display())))
+        .transpose()
 }
 
 fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
@@ -263,7 +277,7 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
         ),
         net: args.net.options()?,
     };
-    let cfg = args.vm.config();
+    let cfg = args.vm.config()?;
     let end = if f.primary {
         let peer = f.peer.as_deref().context("--peer is required")?;
         ftvmm::primary::run_primary(image, cfg, peer, &ft)?
@@ -282,7 +296,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if args.ft.primary || args.ft.backup {
         return run_ft(&args, &image);
     }
-    let mut m = Machine::new(args.vm.config(), &image).context("cannot start the VM")?;
+    let mut m = Machine::new(args.vm.config()?, &image).context("cannot start the VM")?;
     if !args.no_stdin {
         console::forward_stdin(m.host_inputs());
     }
@@ -333,7 +347,7 @@ fn record(args: RecordArgs) -> Result<ExitCode> {
         digest_every: (args.digest_ms > 0).then(|| Duration::from_millis(args.digest_ms)),
         net_mac: None,
     };
-    let done = rr::record_file(&image, args.vm.config(), &args.log, opts, !args.no_stdin)?;
+    let done = rr::record_file(&image, args.vm.config()?, &args.log, opts, !args.no_stdin)?;
     Ok(end_code(done.end))
 }
 
@@ -349,7 +363,8 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     } else {
         Box::new(console::Stdout)
     };
-    let done = rr::replay_file(&image, &args.log, out)?;
+    let initrd = read_initrd(args.initrd.as_deref())?;
+    let done = rr::replay_file(&image, initrd.as_deref(), &args.log, out)?;
     Ok(end_code(done.end))
 }
 

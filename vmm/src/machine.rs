@@ -41,6 +41,9 @@ pub struct MachineConfig {
     pub mem_mib: u64,
     /// Kernel command line.
     pub cmdline: String,
+    /// An initrd (initramfs) the kernel finds in memory: the PVH module
+    /// list's first module, or `boot_params` ramdisk fields.
+    pub initrd: Option<Vec<u8>>,
     /// Time source for devices.
     pub clock: ClockMode,
     /// Entropy for ftclock.
@@ -80,6 +83,7 @@ impl MachineConfig {
         MachineConfig {
             mem_mib,
             cmdline: cmdline.to_string(),
+            initrd: None,
             clock: ClockMode::Host,
             entropy: Entropy::Host,
             points: PointMode::AnyExit,
@@ -173,8 +177,9 @@ impl Machine {
     /// Create the VM with `kernel` loaded and the vCPU at its entry point.
     pub fn new(mut cfg: MachineConfig, kernel: &[u8]) -> Result<Self> {
         let cmdline = std::mem::take(&mut cfg.cmdline);
+        let initrd = cfg.initrd.take();
         let mut m = Self::empty(cfg)?;
-        let loaded = loader::load_kernel(&m.mem, kernel, &cmdline)?;
+        let loaded = loader::load_kernel(&m.mem, kernel, &cmdline, initrd.as_deref())?;
         m.kernel_kind = Some(loaded.kind);
         let sregs = m.vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
         m.vcpu
