@@ -316,7 +316,12 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let start = Instant::now();
     let end = m.run(&mut Live).context("the VM failed")?;
     let secs = start.elapsed().as_secs_f64();
-    tracing::info!(exits = m.exit_count(), secs, "VM stopped: {end:?}");
+    tracing::info!(
+        exits = m.exit_count(),
+        secs,
+        rdtsc = m.rdtsc_traps().answered,
+        "VM stopped: {end:?}"
+    );
     Ok(match end {
         RunEnd::PowerOff(code) => ExitCode::from(code),
         RunEnd::HaltedForever => {

@@ -229,6 +229,14 @@ impl Machine {
                 })
             }
         };
+        if matches!(exit, Exit::Kind(ExitKind::Debug)) && self.answer_rdtsc()? {
+            // A trapped RDTSC (crate::rdtsc): like an emulated instruction,
+            // never a point; while stepping, the step KVM would have made.
+            obs.on_exit(self, ExitKind::Emulated);
+            if !self.is_stepping() {
+                return Ok(None);
+            }
+        }
         self.note_exit_flags();
         if let Exit::Io(io) = &mut exit {
             io.size = self.io_elem_size();
