@@ -325,7 +325,9 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(match end {
         RunEnd::PowerOff(code) => ExitCode::from(code),
         RunEnd::HaltedForever => {
-            eprintln!("ftvmm: the guest halted with interrupts disabled");
+            // How Linux without ACPI ends `poweroff` and `halt`
+            // (docs/linux.md); for other guests, a halt nothing can wake.
+            eprintln!("ftvmm: the guest halted (Linux: powered off): HLT with interrupts disabled");
             ExitCode::from(2)
         }
         RunEnd::Shutdown => {
