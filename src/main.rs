@@ -331,7 +331,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
             ExitCode::from(2)
         }
         RunEnd::Shutdown => {
-            eprintln!("ftvmm: the guest triple-faulted (shutdown)");
+            eprintln!("ftvmm: the guest reset the machine (a triple fault, or Linux rebooting)");
             ExitCode::from(3)
         }
         RunEnd::Paused | RunEnd::Stopped => ExitCode::SUCCESS,

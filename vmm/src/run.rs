@@ -424,6 +424,9 @@ impl Machine {
             self.write_io_result(&data);
         }
         result?;
+        if ctx.reset {
+            return Ok(Some(RunEnd::Shutdown));
+        }
         Ok(ctx.stop.map(RunEnd::PowerOff))
     }
 
