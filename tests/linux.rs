@@ -115,6 +115,33 @@ fn linux_boots_to_init_and_powers_off() {
 }
 
 #[test]
+fn linux_reboot_ends_the_vm_as_a_reset() {
+    let Some(img) = image_or_skip() else {
+        return;
+    };
+    let cmd = cmdline("reboot");
+    let (out, secs) = ftvmm(&[
+        "run",
+        "--no-stdin",
+        "--mem",
+        "128",
+        "--kernel",
+        img.kernel.to_str().unwrap(),
+        "--initrd",
+        img.initrd.to_str().unwrap(),
+        "--cmdline",
+        &cmd,
+    ]);
+    let (console, err) = (text(&out.stdout), text(&out.stderr));
+    eprintln!("Linux booted and rebooted in {secs:.1} s");
+    assert!(console.contains("ftvmm-linux: reboot"), "{console}");
+    assert!(console.contains("reboot: Restarting system"), "{console}");
+    // The keyboard controller's reset command, not a spin or a BIOS jump.
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("the guest reset the machine"), "{err}");
+}
+
+#[test]
 fn linux_boot_and_workload_replay_with_every_digest_equal() {
     let Some(img) = image_or_skip() else {
         return;
@@ -152,6 +179,20 @@ fn linux_boot_and_workload_replay_with_every_digest_equal() {
     ] {
         assert!(console.contains(line), "{line:?} missing from\n{console}");
     }
+    // Linux took the wall clock from the CMOS RTC: the host's date (the
+    // recording runs for a minute; a run across midnight UTC may differ).
+    let today = String::from_utf8(
+        Command::new("date")
+            .args(["-u", "+%Y-%m-%d"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        console.contains(&format!("ftvmm-linux: date {}", today.trim())),
+        "{console}"
+    );
     let recorded = number_before(&err, "digests)");
     assert!(recorded >= 5, "{err}");
 
