@@ -417,6 +417,33 @@ mod tests {
         assert_eq!((u64::from(image_at), u64::from(size)), (p.addr, 5000));
     }
 
+    /// A bzImage whose setup header accepts an initrd up to `max`.
+    fn bzimage(initrd_addr_max: u32) -> Vec<u8> {
+        let mut img = vec![0u8; 2 * 512];
+        img[0x1f1] = 1; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        img[0x211] = 0x01; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&(HIMEM_START as u32).to_le_bytes());
+        img[0x22c..0x230].copy_from_slice(&initrd_addr_max.to_le_bytes());
+        img.extend_from_slice(&[0xf4; 0x400]);
+        img
+    }
+
+    #[test]
+    fn bzimage_initrd_respects_initrd_addr_max() {
+        let mem = create_ram(32).unwrap();
+        let l = load_kernel(&mem, &bzimage(0x00ff_ffff), "", Some(&[9u8; 8192])).unwrap();
+        assert_eq!(l.kind, KernelKind::BzImage);
+        let p = l.initrd.unwrap();
+        // The highest page-aligned place that ends at or below 16 MiB.
+        assert_eq!(p.addr, (16 << 20) - 8192);
+        let image_at: u32 = mem.read_obj(GuestAddress(ZERO_PAGE + 0x218)).unwrap();
+        let size: u32 = mem.read_obj(GuestAddress(ZERO_PAGE + 0x21c)).unwrap();
+        assert_eq!((u64::from(image_at), size), (p.addr, 8192));
+    }
+
     #[test]
     fn an_initrd_that_does_not_fit_is_a_clear_error() {
         let mem = create_ram(4).unwrap();
