@@ -9,8 +9,10 @@
 //! `KVM_SET_GUEST_DEBUG`) on each RDTSC of the functions named in
 //! [`KERNEL_FUNCTIONS`], found in the kernel ELF's symbol table; when one is
 //! hit, the VMM writes a deterministic time stamp into EDX:EAX and steps
-//! over the instruction. Like an emulated instruction, such an exit is not
-//! an execution point (docs/linux.md).
+//! over the instruction. The breakpoint fires at a fixed address because
+//! of the guest's own instruction, so (unlike an emulated instruction) the
+//! exit is an execution point in the `exits` backend: a kernel loop whose
+//! only exit it is can take its timer interrupt there (docs/linux.md).
 
 use serde::{Deserialize, Serialize};
 

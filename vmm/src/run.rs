@@ -230,11 +230,18 @@ impl Machine {
             }
         };
         if matches!(exit, Exit::Kind(ExitKind::Debug)) && self.answer_rdtsc()? {
-            // A trapped RDTSC (crate::rdtsc): like an emulated instruction,
-            // never a point; while stepping, the step KVM would have made.
-            obs.on_exit(self, ExitKind::Emulated);
-            if !self.is_stepping() {
+            // A trapped RDTSC (crate::rdtsc). Without stepping it is a
+            // point: a kernel loop whose only exit it is (Linux waiting
+            // for entropy, timer tick by timer tick) must be able to take
+            // an interrupt there. While stepping it is part of the step
+            // that reached it; the pmu backend does not count it.
+            if self.is_stepping() {
+                obs.on_exit(self, ExitKind::Emulated);
+            } else if self.point_mode() == PointMode::Pmu {
+                obs.on_exit(self, ExitKind::Emulated);
                 return Ok(None);
+            } else {
+                exit = Exit::Kind(ExitKind::Rdtsc);
             }
         }
         self.note_exit_flags();
