@@ -74,6 +74,8 @@ pub fn replay(
         cfg.mem_mib = u64::from(h.mem_mib);
         cfg.cmdline = h.cmdline.clone();
     }
+    // The same initrd as the primary's, or a clear refusal.
+    crate::rr::check_initrd(h, cfg.initrd.as_deref())?;
     // The primary's guest CPU: the same CPUID table, or a clear refusal.
     cfg.cpuid = Some(h.cpuid.clone());
     let net = backup_net(h.net_mac, ft.net.as_ref())?;

@@ -34,7 +34,7 @@ pub fn run(exe: &Path, backend: Option<ExecBackend>, seconds: u32) -> Result<boo
         "\n== replaying {} on a fresh VM (its own timers and clock silent)",
         log.display()
     );
-    let replayed = rr::replay_file(GUEST_ELF, &log, Box::new(console::Stdout))?;
+    let replayed = rr::replay_file(GUEST_ELF, None, &log, Box::new(console::Stdout))?;
     println!("\n== the replayed guest printed the same digests: it reached the same state");
     let matched = replayed.end == RunEnd::PowerOff(0);
     if matched {

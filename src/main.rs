@@ -67,6 +67,9 @@ struct ReplayArgs {
     /// Memory size and command line come from the log.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// The initrd the log was recorded with, if any.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// Do not show the replayed console.
     #[arg(long)]
     quiet: bool,
@@ -89,6 +92,11 @@ struct VmArgs {
     /// Default: the bundled test guest.
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// An initrd (initramfs, e.g. an uncompressed cpio) for the kernel: the
+    /// first PVH module, or the bzImage ramdisk. Its digest goes into a
+    /// recording's log header.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// Guest memory in MiB (4 to 3072).
     #[arg(long, default_value_t = 64)]
     mem: u64,
@@ -237,8 +245,9 @@ impl VmArgs {
         }
     }
 
-    fn config(&self) -> MachineConfig {
+    fn config(&self) -> Result<MachineConfig> {
         let mut cfg = MachineConfig::new(self.mem, &self.cmdline, Box::new(console::Stdout));
+        cfg.initrd = read_initrd(self.initrd.as_deref())?;
         cfg.clock = match self.clock {
             ClockArg::Host => ClockMode::Host,
             ClockArg::Virtual => ClockMode::Virtual {
@@ -246,8 +255,13 @@ impl VmArgs {
             },
         };
         cfg.entropy = self.seed.map_or(Entropy::Host, Entropy::Seeded);
-        cfg
+        Ok(cfg)
     }
+}
+
+fn read_initrd(path: Option<&std::path::Path>) -> Result<Option<Vec<u8>>> {
+    path.map(|p| std::fs::read(p).with_context(|| format!("cannot read initrd {}", p.display())))
+        .transpose()
 }
 
 fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
@@ -288,11 +302,11 @@ fn run_ft(args: &RunArgs, image: &[u8]) -> Result<ExitCode> {
         backup_wait: Duration::from_millis(f.backup_wait_ms),
         rejoin: f.peer.clone().filter(|_| f.backup || f.pair),
     };
-    let cfg = args.vm.config();
+    let cfg = args.vm.config()?;
     let end = if f.pair {
         let listen = f.listen.as_deref().context("--listen is required")?;
         let peer = f.peer.as_deref().context("--peer is required")?;
-        ftvmm::pair::run_pair(image, &|| args.vm.config(), listen, peer, &ft)?
+        ftvmm::pair::run_pair(image, cfg, listen, peer, &ft)?
     } else if f.primary {
         let peer = f.peer.as_deref().context("--peer is required")?;
         ftvmm::primary::run_primary(image, cfg, peer, &ft)?
@@ -311,7 +325,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     if args.ft.primary || args.ft.backup || args.ft.pair {
         return run_ft(&args, &image);
     }
-    let mut m = Machine::new(args.vm.config(), &image).context("cannot start the VM")?;
+    let mut m = Machine::new(args.vm.config()?, &image).context("cannot start the VM")?;
     if !args.no_stdin {
         console::forward_stdin(m.host_inputs());
     }
@@ -331,15 +345,22 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     let start = Instant::now();
     let end = m.run(&mut Live).context("the VM failed")?;
     let secs = start.elapsed().as_secs_f64();
-    tracing::info!(exits = m.exit_count(), secs, "VM stopped: {end:?}");
+    tracing::info!(
+        exits = m.exit_count(),
+        secs,
+        rdtsc = m.rdtsc_traps().answered,
+        "VM stopped: {end:?}"
+    );
     Ok(match end {
         RunEnd::PowerOff(code) => ExitCode::from(code),
         RunEnd::HaltedForever => {
-            eprintln!("ftvmm: the guest halted with interrupts disabled");
+            // How Linux without ACPI ends `poweroff` and `halt`
+            // (docs/linux.md); for other guests, a halt nothing can wake.
+            eprintln!("ftvmm: the guest halted (Linux: powered off): HLT with interrupts disabled");
             ExitCode::from(2)
         }
         RunEnd::Shutdown => {
-            eprintln!("ftvmm: the guest triple-faulted (shutdown)");
+            eprintln!("ftvmm: the guest reset the machine (a triple fault, or Linux rebooting)");
             ExitCode::from(3)
         }
         RunEnd::Paused | RunEnd::Stopped => ExitCode::SUCCESS,
@@ -362,7 +383,7 @@ fn record(args: RecordArgs) -> Result<ExitCode> {
         digest_every: (args.digest_ms > 0).then(|| Duration::from_millis(args.digest_ms)),
         net_mac: None,
     };
-    let done = rr::record_file(&image, args.vm.config(), &args.log, opts, !args.no_stdin)?;
+    let done = rr::record_file(&image, args.vm.config()?, &args.log, opts, !args.no_stdin)?;
     Ok(end_code(done.end))
 }
 
@@ -378,7 +399,8 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     } else {
         Box::new(console::Stdout)
     };
-    let done = rr::replay_file(&image, &args.log, out)?;
+    let initrd = read_initrd(args.initrd.as_deref())?;
+    let done = rr::replay_file(&image, initrd.as_deref(), &args.log, out)?;
     Ok(end_code(done.end))
 }
 

@@ -28,11 +28,10 @@ use crate::primary::run_owned;
 pub const OFFER_WAIT: Duration = Duration::from_millis(1500);
 
 /// Run one node of a pair listening on `listen`, its peer listening on
-/// `peer`. `make_cfg` builds the VM's configuration (a backup adopts the
-/// primary's).
+/// `peer`, with the VM configuration `cfg` (a backup adopts the primary's).
 pub fn run_pair(
     image: &[u8],
-    make_cfg: &dyn Fn() -> MachineConfig,
+    cfg: MachineConfig,
     listen: &str,
     peer: &str,
     ft: &FtOptions,
@@ -48,7 +47,7 @@ pub fn run_pair(
     let mut said = String::new();
     loop {
         match listener.accept_reporting(Some(OFFER_WAIT), report_refusal) {
-            Ok(rx) => return replay(image, make_cfg(), listener, rx, &ft),
+            Ok(rx) => return replay(image, cfg, listener, rx, &ft),
             Err(ChannelError::PeerTimeout { .. }) => {}
             Err(e) => return Err(e).context("the pair's listener failed"),
         }
@@ -59,7 +58,7 @@ pub fn run_pair(
                     ft.node_id
                 );
                 drop(listener);
-                let report = run_owned(image, make_cfg(), peer, &ft)?;
+                let report = run_owned(image, cfg, peer, &ft)?;
                 return Ok(report.end.unwrap_or(RunEnd::Stopped));
             }
             Ok(None) => {}

@@ -77,7 +77,28 @@ pub fn header_for(image: &[u8], cfg: &MachineConfig, opts: &RecordOptions) -> Re
         digest_interval_ms: opts.digest_every.map(|d| d.as_millis() as u64),
         net_mac: opts.net_mac,
         cpuid,
+        initrd_digest: cfg.initrd.as_deref().map(image_digest),
     })
+}
+
+/// Refuse a log recorded with another initrd than `initrd` (or with one
+/// when there is none here, or the other way round).
+pub fn check_initrd(header: &LogHeader, initrd: Option<&[u8]>) -> Result<()> {
+    let here = initrd.map(image_digest);
+    match (header.initrd_digest, here) {
+        (a, b) if a == b => Ok(()),
+        (Some(want), Some(got)) => bail!(
+            "the log was recorded with another initrd (BLAKE3 {}…), this one is {}…; \
+             pass the same --initrd",
+            &hex(&want)[..16],
+            &hex(&got)[..16]
+        ),
+        (Some(want), None) => bail!(
+            "the log was recorded with an initrd (BLAKE3 {}…); pass it with --initrd",
+            &hex(&want)[..16]
+        ),
+        (None, _) => bail!("the log was recorded without an initrd; do not pass --initrd"),
+    }
 }
 
 /// Boot `image` and record the run into `log` until the guest stops.
@@ -132,6 +153,17 @@ fn hex(b: &[u8]) -> String {
 
 /// Replay `log` on `image`, sending the guest's outputs to `out`.
 pub fn replay<R: Read>(image: &[u8], log: R, out: Box<dyn OutputSink>) -> Result<Replayed> {
+    replay_with_initrd(image, None, log, out)
+}
+
+/// Replay `log` on `image` and `initrd` (which must be the recording's),
+/// sending the guest's outputs to `out`.
+pub fn replay_with_initrd<R: Read>(
+    image: &[u8],
+    initrd: Option<&[u8]>,
+    log: R,
+    out: Box<dyn OutputSink>,
+) -> Result<Replayed> {
     let reader = LogReader::new(log).context("cannot read the log")?;
     let header = reader.header().clone();
     let digest = image_digest(image);
@@ -143,7 +175,9 @@ pub fn replay<R: Read>(image: &[u8], log: R, out: Box<dyn OutputSink>) -> Result
             &hex(&digest)[..16]
         );
     }
+    check_initrd(&header, initrd)?;
     let mut cfg = MachineConfig::new(u64::from(header.mem_mib), &header.cmdline, out);
+    cfg.initrd = initrd.map(<[u8]>::to_vec);
     cfg.points = PointMode::for_backend(header.backend)?;
     cfg.cpuid = Some(header.cpuid.clone());
     // The backup's clocks are silent: every input comes from the log.
@@ -200,12 +234,18 @@ pub fn record_file(
     Ok(done)
 }
 
-/// `ftvmm replay`: replay the file `log` on `image`, and say how it went.
-pub fn replay_file(image: &[u8], log: &Path, out: Box<dyn OutputSink>) -> Result<Replayed> {
+/// `ftvmm replay`: replay the file `log` on `image` (and `initrd`), and say
+/// how it went.
+pub fn replay_file(
+    image: &[u8],
+    initrd: Option<&[u8]>,
+    log: &Path,
+    out: Box<dyn OutputSink>,
+) -> Result<Replayed> {
     let file =
         std::fs::File::open(log).with_context(|| format!("cannot open log {}", log.display()))?;
     let start = Instant::now();
-    let done = replay(image, std::io::BufReader::new(file), out)
+    let done = replay_with_initrd(image, initrd, std::io::BufReader::new(file), out)
         .with_context(|| format!("replay of {} failed", log.display()))?;
     if done.cut_short {
         eprintln!(

@@ -190,6 +190,7 @@ mod tests {
             digest_interval_ms: None,
             net_mac: None,
             cpuid: Vec::new(),
+            initrd_digest: None,
         };
         let expect = BackupExpect {
             backend: header.backend,

@@ -439,6 +439,7 @@ fn a_log_with_full_ram_digests_still_replays() {
         digest_interval_ms: Some(5),
         net_mac: None,
         cpuid: vmm::arch::cpuid::host_guest_table().unwrap(),
+        initrd_digest: None,
     };
     let mut w = LogWriter::new(Vec::new(), &header).unwrap();
     for e in &entries {

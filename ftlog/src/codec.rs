@@ -17,9 +17,9 @@ use crate::{LogEntry, LogError, LogHeader};
 /// The first eight bytes of every log.
 pub const MAGIC: [u8; 8] = *b"FTVMMLOG";
 /// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// The oldest format version this build reads.
-pub const MIN_READ_VERSION: u32 = 4;
+pub const MIN_READ_VERSION: u32 = 5;
 /// Magic plus version.
 pub const PREAMBLE_LEN: usize = 12;
 /// Length plus CRC.
@@ -303,7 +303,7 @@ mod tests {
         let mut out = Vec::new();
         encode_preamble(&mut out);
         assert_eq!(out.len(), PREAMBLE_LEN);
-        assert_eq!(&out, b"FTVMMLOG\x04\x00\x00\x00");
+        assert_eq!(&out, b"FTVMMLOG\x05\x00\x00\x00");
         assert_eq!(decode_preamble(&out).unwrap(), Some(FORMAT_VERSION));
         for cut in 0..PREAMBLE_LEN {
             assert_eq!(decode_preamble(&out[..cut]).unwrap(), None, "cut {cut}");

@@ -32,6 +32,10 @@ pub struct LogHeader {
     /// backup gives its guest the same table, or refuses to start when its
     /// host cannot provide a feature in it.
     pub cpuid: Vec<CpuidEntry>,
+    /// Hash of the initrd the recording booted with (BLAKE3, like
+    /// `image_digest`), None without one (format version 5). A replayer
+    /// refuses to start with another initrd, or without it.
+    pub initrd_digest: Option<[u8; 32]>,
 }
 
 /// One CPUID leaf as the guest sees it (the fields of KVM's

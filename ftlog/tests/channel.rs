@@ -30,6 +30,7 @@ fn header(backend: ExecBackend, image: [u8; 32]) -> LogHeader {
         digest_interval_ms: Some(100),
         net_mac: None,
         cpuid: Vec::new(),
+        initrd_digest: None,
     }
 }
 

@@ -180,17 +180,17 @@ fn wrong_magic_is_not_an_ftvmm_log() {
 
 #[test]
 fn other_versions_are_refused_naming_both() {
-    for v in [0u32, 1, 2, 3, 5, 0xdead_beef] {
+    for v in [0u32, 1, 2, 3, 4, 6, 0xdead_beef] {
         let mut bytes = small_log().1;
         bytes[8..12].copy_from_slice(&v.to_le_bytes());
         let e = LogReader::new(&bytes[..]).unwrap_err();
         assert!(
-            matches!(e, LogError::UnsupportedVersion { found, min: 4, max: 4 } if found == v),
+            matches!(e, LogError::UnsupportedVersion { found, min: 5, max: 5 } if found == v),
             "{e}"
         );
         let msg = e.to_string();
         assert!(
-            msg.contains(&v.to_string()) && msg.contains("versions 4 to 4"),
+            msg.contains(&v.to_string()) && msg.contains("versions 5 to 5"),
             "{msg}"
         );
     }

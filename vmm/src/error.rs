@@ -51,6 +51,9 @@ pub enum Error {
     /// The kernel image is not something we can boot.
     #[error("cannot load kernel: {0}")]
     KernelFormat(String),
+    /// The initrd cannot be loaded.
+    #[error("cannot load the initrd: {0}")]
+    Initrd(String),
     /// The command line is not acceptable.
     #[error("bad kernel command line: {0}")]
     Cmdline(String),

@@ -20,6 +20,7 @@ pub mod output;
 pub mod pmu;
 pub mod points;
 pub mod quirks;
+pub mod rdtsc;
 pub mod record;
 pub mod replay;
 pub mod run;

@@ -8,15 +8,17 @@ use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, Error as ElfError, PvhBootCapability};
 use linux_loader::loader::{self, load_cmdline, Cmdline, KernelLoader};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::boot::{write_boot_tables, EntryMode};
 use crate::memory::{
-    ram_size, GuestRam, CMDLINE, CMDLINE_MAX, HIMEM_START, LOW_MEM_END, PVH_INFO, PVH_MEMMAP,
-    ZERO_PAGE,
+    ram_size, GuestRam, CMDLINE, CMDLINE_MAX, HIMEM_START, LOW_MEM_END, PAGE_SIZE, PVH_INFO,
+    PVH_MEMMAP, PVH_MODLIST, ZERO_PAGE,
 };
 use crate::{Error, Result};
 
@@ -26,6 +28,12 @@ const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
 const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+/// The highest initrd address a kernel whose setup header says 0 accepts
+/// (Documentation/x86/boot.rst, protocol < 2.03).
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// Where an initrd may end: below the 32-bit boundary, which both the PVH
+/// module list and `boot_params.hdr.ramdisk_image` (u32) can address.
+const INITRD_LIMIT: u64 = 1 << 32;
 
 /// What kind of image was loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,10 +55,27 @@ pub struct Loaded {
     pub entry: EntryMode,
     /// First byte after the kernel.
     pub kernel_end: u64,
+    /// Where the initrd was placed, if one was given.
+    pub initrd: Option<Placed>,
 }
 
-/// Load `image` into `mem`, write the boot structures, and return the entry.
-pub fn load_kernel(mem: &GuestRam, image: &[u8], cmdline: &str) -> Result<Loaded> {
+/// An initrd's place in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    /// Guest-physical address (page aligned).
+    pub addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+}
+
+/// Load `image` (and `initrd`, if given) into `mem`, write the boot
+/// structures, and return the entry.
+pub fn load_kernel(
+    mem: &GuestRam,
+    image: &[u8],
+    cmdline: &str,
+    initrd: Option<&[u8]>,
+) -> Result<Loaded> {
     let cmdline = build_cmdline(cmdline)?;
     write_boot_tables(mem)?;
     let himem = Some(GuestAddress(HIMEM_START));
@@ -78,7 +103,8 @@ pub fn load_kernel(mem: &GuestRam, image: &[u8], cmdline: &str) -> Result<Loaded
             load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(kernel_err)?;
             match entry {
                 Some(pvh) => {
-                    write_pvh_info(mem, &cmdline)?;
+                    let placed = load_initrd(mem, initrd, r.kernel_end, INITRD_LIMIT - 1)?;
+                    write_pvh_info(mem, &cmdline, placed)?;
                     Loaded {
                         kind: KernelKind::ElfPvh,
                         entry: EntryMode::Pvh32 {
@@ -86,10 +112,12 @@ pub fn load_kernel(mem: &GuestRam, image: &[u8], cmdline: &str) -> Result<Loaded
                             start_info: PVH_INFO,
                         },
                         kernel_end: r.kernel_end,
+                        initrd: placed,
                     }
                 }
                 None => {
-                    write_zero_page(mem, None, &cmdline)?;
+                    let placed = load_initrd(mem, initrd, r.kernel_end, DEFAULT_INITRD_ADDR_MAX)?;
+                    write_zero_page(mem, None, &cmdline, placed)?;
                     Loaded {
                         kind: KernelKind::Elf,
                         entry: EntryMode::Long64 {
@@ -97,6 +125,7 @@ pub fn load_kernel(mem: &GuestRam, image: &[u8], cmdline: &str) -> Result<Loaded
                             zero_page: ZERO_PAGE,
                         },
                         kernel_end: r.kernel_end,
+                        initrd: placed,
                     }
                 }
             }
@@ -109,7 +138,12 @@ pub fn load_kernel(mem: &GuestRam, image: &[u8], cmdline: &str) -> Result<Loaded
                 ))
             })?;
             load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(kernel_err)?;
-            write_zero_page(mem, r.setup_header, &cmdline)?;
+            let max = match r.setup_header.map_or(0, |h| h.initrd_addr_max) {
+                0 => DEFAULT_INITRD_ADDR_MAX,
+                m => u64::from(m),
+            };
+            let placed = load_initrd(mem, initrd, r.kernel_end, max)?;
+            write_zero_page(mem, r.setup_header, &cmdline, placed)?;
             Loaded {
                 kind: KernelKind::BzImage,
                 // The 64-bit entry sits 0x200 bytes into the protected-mode code.
@@ -118,6 +152,7 @@ pub fn load_kernel(mem: &GuestRam, image: &[u8], cmdline: &str) -> Result<Loaded
                     zero_page: ZERO_PAGE,
                 },
                 kernel_end: r.kernel_end,
+                initrd: placed,
             }
         }
         Err(e) => return Err(kernel_err(e)),
@@ -130,6 +165,37 @@ pub fn load_kernel(mem: &GuestRam, image: &[u8], cmdline: &str) -> Result<Loaded
         )));
     }
     Ok(loaded)
+}
+
+/// Copy `initrd` as high in RAM as the kernel accepts (its last byte at or
+/// below `max_addr`), page aligned, above the kernel: where boot loaders put
+/// it, so the kernel's early allocations below it are not in its way.
+fn load_initrd(
+    mem: &GuestRam,
+    initrd: Option<&[u8]>,
+    kernel_end: u64,
+    max_addr: u64,
+) -> Result<Option<Placed>> {
+    let Some(data) = initrd else {
+        return Ok(None);
+    };
+    let size = data.len() as u64;
+    let top = ram_size(mem).min(max_addr.saturating_add(1));
+    let floor = kernel_end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let addr = top.checked_sub(size).map(|a| a & !(PAGE_SIZE - 1));
+    let addr = match addr {
+        Some(a) if size > 0 && a >= floor => a,
+        _ => {
+            return Err(Error::Initrd(format!(
+                "{size} bytes do not fit between the kernel's end ({floor:#x}) and {top:#x}; \
+                 give the guest more memory (--mem) or a smaller initrd"
+            )))
+        }
+    };
+    mem.write_slice(data, GuestAddress(addr))
+        .map_err(|e| Error::Initrd(format!("cannot write it at {addr:#x}: {e}")))?;
+    tracing::debug!(addr, size, "initrd loaded");
+    Ok(Some(Placed { addr, size }))
 }
 
 fn kernel_err(e: impl std::fmt::Display) -> Error {
@@ -170,10 +236,16 @@ fn write_zero_page(
     mem: &GuestRam,
     header: Option<loader::bootparam::setup_header>,
     cmdline: &Cmdline,
+    initrd: Option<Placed>,
 ) -> Result<()> {
     let mut params = boot_params::default();
     if let Some(h) = header {
         params.hdr = h;
+    }
+    if let Some(p) = initrd {
+        // Both below 4 GiB (load_initrd's limits).
+        params.hdr.ramdisk_image = p.addr as u32;
+        params.hdr.ramdisk_size = p.size as u32;
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
@@ -193,7 +265,7 @@ fn write_zero_page(
         .map_err(kernel_err)
 }
 
-fn write_pvh_info(mem: &GuestRam, cmdline: &Cmdline) -> Result<()> {
+fn write_pvh_info(mem: &GuestRam, cmdline: &Cmdline, initrd: Option<Placed>) -> Result<()> {
     let _ = cmdline_len(cmdline)?;
     let memmap: Vec<hvm_memmap_table_entry> = ram_ranges(mem)
         .iter()
@@ -204,9 +276,20 @@ fn write_pvh_info(mem: &GuestRam, cmdline: &Cmdline) -> Result<()> {
             reserved: 0,
         })
         .collect();
+    // Linux takes its initrd from the first module.
+    let modules: Vec<hvm_modlist_entry> = initrd
+        .iter()
+        .map(|p| hvm_modlist_entry {
+            paddr: p.addr,
+            size: p.size,
+            ..Default::default()
+        })
+        .collect();
     let info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
         version: 1,
+        nr_modules: modules.len() as u32,
+        modlist_paddr: if modules.is_empty() { 0 } else { PVH_MODLIST },
         cmdline_paddr: CMDLINE,
         memmap_paddr: PVH_MEMMAP,
         memmap_entries: memmap.len() as u32,
@@ -214,6 +297,9 @@ fn write_pvh_info(mem: &GuestRam, cmdline: &Cmdline) -> Result<()> {
     };
     let mut params = BootParams::new(&info, GuestAddress(PVH_INFO));
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(PVH_MODLIST));
+    }
     PvhBootConfigurator::write_bootparams(&params, mem).map_err(kernel_err)
 }
 
@@ -266,4 +352,103 @@ pub fn minimal_elf(code: &[u8], note: Option<&[u8]>) -> Vec<u8> {
         f.extend_from_slice(n);
     }
     f
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::memory::create_ram;
+
+    /// A PVH ELF (the note names an entry; it is never run here).
+    fn pvh_image() -> Vec<u8> {
+        let mut note = Vec::new();
+        for v in [4u32, 4, 18] {
+            note.extend_from_slice(&v.to_le_bytes());
+        }
+        note.extend_from_slice(b"Xen\0");
+        note.extend_from_slice(&(MINIMAL_ELF_LOAD as u32 + 0x100).to_le_bytes());
+        minimal_elf(&[0xf4; 16], Some(&note))
+    }
+
+    fn read_u64(mem: &GuestRam, addr: u64) -> u64 {
+        mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+
+    #[test]
+    fn pvh_initrd_is_the_first_module_at_the_top_of_ram() {
+        let mem = create_ram(16).unwrap();
+        let initrd: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let l = load_kernel(&mem, &pvh_image(), "console=ttyS0", Some(&initrd)).unwrap();
+        let p = l.initrd.unwrap();
+        assert_eq!(p.size, 10_000);
+        assert_eq!(p.addr % PAGE_SIZE, 0);
+        assert!(p.addr + p.size <= 16 << 20 && p.addr + p.size > (16 << 20) - PAGE_SIZE);
+        // hvm_start_info: nr_modules at 12, modlist_paddr at 16.
+        let nr: u32 = mem.read_obj(GuestAddress(PVH_INFO + 12)).unwrap();
+        assert_eq!(nr, 1);
+        assert_eq!(read_u64(&mem, PVH_INFO + 16), PVH_MODLIST);
+        assert_eq!(read_u64(&mem, PVH_MODLIST), p.addr);
+        assert_eq!(read_u64(&mem, PVH_MODLIST + 8), p.size);
+        let mut back = vec![0u8; initrd.len()];
+        mem.read_slice(&mut back, GuestAddress(p.addr)).unwrap();
+        assert_eq!(back, initrd);
+    }
+
+    #[test]
+    fn no_initrd_means_no_module() {
+        let mem = create_ram(16).unwrap();
+        let l = load_kernel(&mem, &pvh_image(), "", None).unwrap();
+        assert_eq!(l.initrd, None);
+        let nr: u32 = mem.read_obj(GuestAddress(PVH_INFO + 12)).unwrap();
+        assert_eq!(nr, 0);
+    }
+
+    #[test]
+    fn elf_initrd_is_in_the_zero_page() {
+        let mem = create_ram(16).unwrap();
+        let image = minimal_elf(&[0xf4; 16], None);
+        let l = load_kernel(&mem, &image, "", Some(&[7u8; 5000])).unwrap();
+        let p = l.initrd.unwrap();
+        // boot_params.hdr.ramdisk_image at 0x218, ramdisk_size at 0x21c.
+        let image_at: u32 = mem.read_obj(GuestAddress(ZERO_PAGE + 0x218)).unwrap();
+        let size: u32 = mem.read_obj(GuestAddress(ZERO_PAGE + 0x21c)).unwrap();
+        assert_eq!((u64::from(image_at), u64::from(size)), (p.addr, 5000));
+    }
+
+    /// A bzImage whose setup header accepts an initrd up to `max`.
+    fn bzimage(initrd_addr_max: u32) -> Vec<u8> {
+        let mut img = vec![0u8; 2 * 512];
+        img[0x1f1] = 1; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+        img[0x211] = 0x01; // loadflags: LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&(HIMEM_START as u32).to_le_bytes());
+        img[0x22c..0x230].copy_from_slice(&initrd_addr_max.to_le_bytes());
+        img.extend_from_slice(&[0xf4; 0x400]);
+        img
+    }
+
+    #[test]
+    fn bzimage_initrd_respects_initrd_addr_max() {
+        let mem = create_ram(32).unwrap();
+        let l = load_kernel(&mem, &bzimage(0x00ff_ffff), "", Some(&[9u8; 8192])).unwrap();
+        assert_eq!(l.kind, KernelKind::BzImage);
+        let p = l.initrd.unwrap();
+        // The highest page-aligned place that ends at or below 16 MiB.
+        assert_eq!(p.addr, (16 << 20) - 8192);
+        let image_at: u32 = mem.read_obj(GuestAddress(ZERO_PAGE + 0x218)).unwrap();
+        let size: u32 = mem.read_obj(GuestAddress(ZERO_PAGE + 0x21c)).unwrap();
+        assert_eq!((u64::from(image_at), size), (p.addr, 8192));
+    }
+
+    #[test]
+    fn an_initrd_that_does_not_fit_is_a_clear_error() {
+        let mem = create_ram(4).unwrap();
+        let e = load_kernel(&mem, &pvh_image(), "", Some(&vec![0u8; 4 << 20])).unwrap_err();
+        assert!(matches!(e, Error::Initrd(_)), "{e}");
+        assert!(e.to_string().contains("--mem"), "{e}");
+    }
 }

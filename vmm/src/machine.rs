@@ -6,7 +6,8 @@ use std::sync::Arc;
 use kvm_bindings::{
     kvm_enable_cap, kvm_guest_debug, kvm_regs, kvm_userspace_memory_region,
     KVM_CAP_X86_USER_SPACE_MSR, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP,
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MSR_EXIT_REASON_FILTER,
+    KVM_GUESTDBG_USE_HW_BP, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MSR_EXIT_REASON_FILTER,
 };
 use kvm_ioctls::{
     Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd,
@@ -41,6 +42,9 @@ pub struct MachineConfig {
     pub mem_mib: u64,
     /// Kernel command line.
     pub cmdline: String,
+    /// An initrd (initramfs) the kernel finds in memory: the PVH module
+    /// list's first module, or `boot_params` ramdisk fields.
+    pub initrd: Option<Vec<u8>>,
     /// Time source for devices.
     pub clock: ClockMode,
     /// Entropy for ftclock.
@@ -80,6 +84,7 @@ impl MachineConfig {
         MachineConfig {
             mem_mib,
             cmdline: cmdline.to_string(),
+            initrd: None,
             clock: ClockMode::Host,
             entropy: Entropy::Host,
             points: PointMode::AnyExit,
@@ -117,6 +122,9 @@ pub struct LoopState {
     /// The latest time (ns of the device clock) a device gave the guest:
     /// the clock never reads less once timers are live again.
     pub latest_time_ns: u64,
+    /// RDTSC instructions the VMM answers (crate::rdtsc).
+    #[serde(default)]
+    pub rdtsc: crate::rdtsc::RdtscTraps,
 }
 
 /// A VM: KVM handles, memory, devices, clock and loop state.
@@ -173,9 +181,11 @@ impl Machine {
     /// Create the VM with `kernel` loaded and the vCPU at its entry point.
     pub fn new(mut cfg: MachineConfig, kernel: &[u8]) -> Result<Self> {
         let cmdline = std::mem::take(&mut cfg.cmdline);
+        let initrd = cfg.initrd.take();
         let mut m = Self::empty(cfg)?;
-        let loaded = loader::load_kernel(&m.mem, kernel, &cmdline)?;
+        let loaded = loader::load_kernel(&m.mem, kernel, &cmdline, initrd.as_deref())?;
         m.kernel_kind = Some(loaded.kind);
+        m.trap_kernel_rdtsc(kernel)?;
         let sregs = m.vcpu.get_sregs().map_err(Error::kvm("KVM_GET_SREGS"))?;
         m.vcpu
             .set_sregs(&boot::boot_sregs(sregs, loaded.entry))
@@ -334,20 +344,74 @@ impl Machine {
 
     /// Turn single-stepping on or off.
     pub(crate) fn set_stepping(&mut self, on: bool) -> Result<()> {
-        let control = if on {
-            KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
-        } else {
-            0
-        };
-        let dbg = kvm_guest_debug {
-            control,
-            ..Default::default()
-        };
+        self.stepping = on;
+        self.apply_guest_debug()
+    }
+
+    /// Set up RDTSC traps for the kernel `image` (crate::rdtsc): its
+    /// symbol table's RDTSCs in [`crate::rdtsc::KERNEL_FUNCTIONS`].
+    fn trap_kernel_rdtsc(&mut self, image: &[u8]) -> Result<()> {
+        use crate::rdtsc::{find_in_elf, KERNEL_FUNCTIONS, MAX_TRAPS};
+        let addrs = find_in_elf(image, KERNEL_FUNCTIONS);
+        if addrs.len() > MAX_TRAPS {
+            return Err(Error::KernelFormat(format!(
+                "the kernel has {} RDTSC instructions in {KERNEL_FUNCTIONS:?}, the VMM can trap \
+                 {MAX_TRAPS} (build it with CONFIG_CC_OPTIMIZE_FOR_SIZE, docs/linux.md)",
+                addrs.len()
+            )));
+        }
+        if !addrs.is_empty() {
+            tracing::info!(?addrs, "RDTSC in the kernel answered by the VMM");
+        }
+        self.ls.rdtsc.addrs = addrs;
+        self.apply_guest_debug()
+    }
+
+    /// The RDTSC traps this VM has, and how many it answered.
+    pub fn rdtsc_traps(&self) -> &crate::rdtsc::RdtscTraps {
+        &self.ls.rdtsc
+    }
+
+    /// KVM's guest-debug state from single-stepping and the RDTSC traps.
+    pub(crate) fn apply_guest_debug(&mut self) -> Result<()> {
+        let traps = &self.ls.rdtsc.addrs;
+        let mut dbg = kvm_guest_debug::default();
+        if self.stepping {
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        }
+        if !traps.is_empty() {
+            dbg.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+            // DR7: bit 10 is reserved as one; L<i> enables DR<i> as an
+            // instruction breakpoint (R/W and LEN bits zero).
+            let mut dr7 = 1u64 << 10;
+            for (i, a) in traps.iter().enumerate().take(crate::rdtsc::MAX_TRAPS) {
+                dbg.arch.debugreg[i] = *a;
+                dr7 |= 1 << (2 * i);
+            }
+            dbg.arch.debugreg[7] = dr7;
+        }
         self.vcpu
             .set_guest_debug(&dbg)
-            .map_err(Error::kvm("KVM_SET_GUEST_DEBUG"))?;
-        self.stepping = on;
-        Ok(())
+            .map_err(Error::kvm("KVM_SET_GUEST_DEBUG"))
+    }
+
+    /// If the vCPU stopped on a trapped RDTSC, answer it (EDX:EAX) and step
+    /// over it; false if it did not.
+    pub(crate) fn answer_rdtsc(&mut self) -> Result<bool> {
+        if self.ls.rdtsc.addrs.is_empty() {
+            return Ok(false);
+        }
+        let mut r = self.vcpu.get_regs().map_err(Error::kvm("KVM_GET_REGS"))?;
+        if !self.ls.rdtsc.addrs.contains(&r.rip) {
+            return Ok(false);
+        }
+        let tsc = self.ls.rdtsc.next(self.ls.latest_time_ns);
+        r.rax = tsc & 0xffff_ffff;
+        r.rdx = tsc >> 32;
+        r.rip += 2;
+        self.vcpu.set_regs(&r).map_err(Error::kvm("KVM_SET_REGS"))?;
+        self.regs = Some(r);
+        Ok(true)
     }
 
     /// Whether device timers run from host time.

@@ -23,6 +23,8 @@ pub const BOOT_IDT: u64 = 0x520;
 pub const PVH_INFO: u64 = 0x6000;
 /// PVH memory map.
 pub const PVH_MEMMAP: u64 = 0x6040;
+/// PVH module list (one `hvm_modlist_entry`: the initrd).
+pub const PVH_MODLIST: u64 = 0x6800;
 /// Linux `boot_params` ("zero page").
 pub const ZERO_PAGE: u64 = 0x7000;
 /// Initial stack pointer.

@@ -106,6 +106,11 @@ pub enum ExitKind {
     /// ([`crate::emulate`]). Never a point, in any mode: which instructions
     /// KVM gives up on is a property of the host, and not a stable one.
     Emulated,
+    /// A trapped RDTSC the VMM answered ([`crate::rdtsc`]): a breakpoint
+    /// at a fixed guest address, so like port I/O the guest's own
+    /// instruction caused it, and it is a point. Only without stepping and
+    /// outside the `pmu` backend (there it is treated as `Emulated`).
+    Rdtsc,
 }
 
 #[cfg(test)]
@@ -118,6 +123,8 @@ mod tests {
         assert!(!PointMode::Exits.is_point(ExitKind::Interrupted));
         assert!(!PointMode::SingleStep.is_point(ExitKind::Interrupted));
         assert!(!PointMode::Exits.counts(ExitKind::Interrupted));
+        assert!(PointMode::Exits.counts(ExitKind::Rdtsc));
+        assert!(PointMode::Exits.is_point(ExitKind::Rdtsc));
     }
 
     #[test]

@@ -229,6 +229,21 @@ impl Machine {
                 })
             }
         };
+        if matches!(exit, Exit::Kind(ExitKind::Debug)) && self.answer_rdtsc()? {
+            // A trapped RDTSC (crate::rdtsc). Without stepping it is a
+            // point: a kernel loop whose only exit it is (Linux waiting
+            // for entropy, timer tick by timer tick) must be able to take
+            // an interrupt there. While stepping it is part of the step
+            // that reached it; the pmu backend does not count it.
+            if self.is_stepping() {
+                obs.on_exit(self, ExitKind::Emulated);
+            } else if self.point_mode() == PointMode::Pmu {
+                obs.on_exit(self, ExitKind::Emulated);
+                return Ok(None);
+            } else {
+                exit = Exit::Kind(ExitKind::Rdtsc);
+            }
+        }
         self.note_exit_flags();
         if let Exit::Io(io) = &mut exit {
             io.size = self.io_elem_size();
@@ -416,6 +431,9 @@ impl Machine {
             self.write_io_result(&data);
         }
         result?;
+        if ctx.reset {
+            return Ok(Some(RunEnd::Shutdown));
+        }
         Ok(ctx.stop.map(RunEnd::PowerOff))
     }
 

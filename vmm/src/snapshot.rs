@@ -159,6 +159,7 @@ impl Machine {
         m.clock = Clock::new(snap.clock, snap.clock_ns);
         m.devices = Devices::from_state(&snap.devices, snap.clock_ns).map_err(Error::Snapshot)?;
         m.ls = snap.loop_state.clone();
+        m.apply_guest_debug()?;
         Ok(m)
     }
 

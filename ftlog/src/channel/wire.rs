@@ -435,6 +435,7 @@ mod tests {
                 digest_interval_ms: None,
                 net_mac: Some([1, 2, 3, 4, 5, 6]),
                 cpuid: Vec::new(),
+                initrd_digest: None,
             }),
             Msg::Entry(LogEntry {
                 seq: 9,

@@ -119,6 +119,7 @@ pub fn header() -> LogHeader {
                 edx: 0,
             },
         ],
+        initrd_digest: Some([0x22; 32]),
     }
 }
 
@@ -260,6 +261,7 @@ pub fn log_header() -> impl Strategy<Value = LogHeader> {
             Just(DigestKind::Blake3RegsPageTree)
         ],
         vec(cpuid_entry(), 0..40),
+        proptest::option::of(any::<[u8; 32]>()),
     )
         .prop_map(
             |(
@@ -271,6 +273,7 @@ pub fn log_header() -> impl Strategy<Value = LogHeader> {
                 net_mac,
                 state_digest,
                 cpuid,
+                initrd_digest,
             )| LogHeader {
                 backend,
                 image_digest,
@@ -280,6 +283,7 @@ pub fn log_header() -> impl Strategy<Value = LogHeader> {
                 digest_interval_ms,
                 net_mac,
                 cpuid,
+                initrd_digest,
             },
         )
 }

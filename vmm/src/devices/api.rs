@@ -38,6 +38,9 @@ pub struct DeviceCtx {
     pub irq_pulses: Vec<u8>,
     /// Set by a device that asks the VM to stop with this exit code.
     pub stop: Option<u8>,
+    /// Set by a device that resets the machine (the VM ends as after a
+    /// triple fault).
+    pub reset: bool,
     /// What the guest sent to the outside world during the access.
     pub outputs: Vec<(Stream, Vec<u8>)>,
     samples: Samples,

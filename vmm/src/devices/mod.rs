@@ -7,9 +7,11 @@
 mod api;
 pub mod bus;
 pub mod ftclock;
+pub mod i8042;
 pub mod net;
 pub mod pic;
 pub mod pit;
+pub mod rtc;
 pub mod serial;
 
 pub use api::{BusDevice, DeviceCtx, SampleKind};
@@ -18,9 +20,11 @@ use serde::{Deserialize, Serialize};
 
 use bus::Bus;
 use ftclock::{Entropy, FtClock, FtClockState, Power, FTCLOCK_LEN, FTCLOCK_PORT, POWER_PORT};
+use i8042::{I8042, I8042_COMMAND_PORT, I8042_DATA_PORT};
 use net::{NetDevice, NetState};
 use pic::{Chip, Pic, PicState};
 use pit::{Pit, PitState};
+use rtc::{Rtc, RtcState, RTC_LEN, RTC_PORT};
 use serial::{Uart, UartState};
 
 /// PIT ports.
@@ -45,6 +49,10 @@ pub enum PioDevice {
     FtClock,
     /// Power-off port.
     Power,
+    /// CMOS real-time clock.
+    Rtc,
+    /// Keyboard controller ports (reset only).
+    I8042,
 }
 
 /// The state of every device, for snapshots.
@@ -61,6 +69,9 @@ pub struct DevicesState {
     /// The network device, if one is attached.
     #[serde(default)]
     pub net: Option<NetState>,
+    /// The CMOS clock (None in snapshots from before it existed).
+    #[serde(default)]
+    pub rtc: Option<RtcState>,
 }
 
 /// All devices and their buses.
@@ -73,6 +84,8 @@ pub struct Devices {
     pub serial: Uart,
     /// ftclock.
     pub ftclock: FtClock,
+    /// CMOS real-time clock.
+    pub rtc: Rtc,
     power: Power,
     pio: Bus<PioDevice>,
     mmio: Bus<usize>,
@@ -91,6 +104,9 @@ fn platform_bus() -> Bus<PioDevice> {
         (u64::from(COM1_PORT), 8, PioDevice::Serial),
         (u64::from(FTCLOCK_PORT), FTCLOCK_LEN, PioDevice::FtClock),
         (u64::from(POWER_PORT), 1, PioDevice::Power),
+        (u64::from(RTC_PORT), RTC_LEN, PioDevice::Rtc),
+        (u64::from(I8042_DATA_PORT), 1, PioDevice::I8042),
+        (u64::from(I8042_COMMAND_PORT), 1, PioDevice::I8042),
     ];
     for (base, len, dev) in ranges {
         // The table above is fixed and non-overlapping.
@@ -108,6 +124,7 @@ impl Devices {
             pit: Pit::new(),
             serial: Uart::new(),
             ftclock: FtClock::new(entropy),
+            rtc: Rtc::new(),
             power: Power,
             pio: platform_bus(),
             mmio: Bus::new(),
@@ -125,6 +142,10 @@ impl Devices {
             pit: Pit::from_state(&s.pit, now_ns),
             serial: Uart::from_state(&s.serial)?,
             ftclock: FtClock::from_state(&s.ftclock),
+            rtc: match &s.rtc {
+                Some(r) => Rtc::from_state(r)?,
+                None => Rtc::new(),
+            },
             power: Power,
             pio: platform_bus(),
             mmio: Bus::new(),
@@ -141,6 +162,7 @@ impl Devices {
             pit: self.pit.state(now_ns),
             serial: self.serial.state(),
             ftclock: self.ftclock.state(),
+            rtc: Some(self.rtc.state()),
             net: self.net.as_ref().map(|n| n.state()),
         }
     }
@@ -185,6 +207,8 @@ impl Devices {
             PioDevice::Serial => self.serial.read(off, data, ctx),
             PioDevice::FtClock => self.ftclock.read(off, data, ctx),
             PioDevice::Power => self.power.read(off, data, ctx),
+            PioDevice::Rtc => self.rtc.read(off, data, ctx),
+            PioDevice::I8042 => I8042.read(off, data, ctx),
         }
         self.route_irqs(ctx);
     }
@@ -201,6 +225,10 @@ impl Devices {
             PioDevice::Serial => self.serial.write(off, data, ctx),
             PioDevice::FtClock => self.ftclock.write(off, data, ctx),
             PioDevice::Power => self.power.write(off, data, ctx),
+            PioDevice::Rtc => self.rtc.write(off, data, ctx),
+            // Only the command port takes the reset command.
+            PioDevice::I8042 if port == I8042_COMMAND_PORT => I8042.write(off, data, ctx),
+            PioDevice::I8042 => {}
         }
         self.route_irqs(ctx);
     }
