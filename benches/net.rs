@@ -2,6 +2,12 @@
 //! live VM on a TAP) and as an FT pair, then the failover time a client sees
 //! (last reply from the old primary to the first from the new one).
 //!
+//! Pinned to approximate two hosts on this 2-core machine: the plain VM and
+//! the primary on cpu0, the backup and the client on cpu1 (`taskset`).
+//! Besides requests/s and latency it reports the CPU time each VM process
+//! spent per 1000 requests (utime + stime from /proc/PID/stat, over the
+//! benchmark of that row).
+//!
 //! Needs root, KVM, iproute2 and redis-tools. `cargo bench --bench net`.
 
 // Test and bench code: a panic is how a failure is reported.
@@ -23,9 +29,38 @@ const CLIENTS: [&str; 3] = ["1", "4", "50"];
 
 type Row = (String, f64, f64, f64);
 
+/// The rows of one client count, and the CPU ms per 1000 requests of each
+/// VM process measured over them.
+struct Measured {
+    rows: Vec<Row>,
+    cpu_per_1000: Vec<f64>,
+}
+
+/// The CPU `role` runs on: the plain VM and the primary on cpu0, the
+/// backup on cpu1 (with the client).
+fn cpu_of(role: Option<&str>) -> &'static str {
+    match role {
+        Some("backup") => "1",
+        _ => "0",
+    }
+}
+
+/// utime + stime of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at state.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
 fn ftvmm(net: &TestNet, dir: &Path, role: Option<&str>) -> Child {
-    let mut c = net.host_command(env!("CARGO_BIN_EXE_ftvmm"));
-    c.args(["run", "--no-stdin", "--cmdline", CMDLINE])
+    let mut c = net.host_command("taskset");
+    c.args(["-c", cpu_of(role), env!("CARGO_BIN_EXE_ftvmm")])
+        .args(["run", "--no-stdin", "--cmdline", CMDLINE])
         .env("FTVMM_KEY", KEY)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.join("stdout.txt")).unwrap())
@@ -68,14 +103,28 @@ fn wait_for(path: &Path, what: &str) {
 }
 
 /// (test, requests/s, p50 ms, p99 ms) from redis-benchmark's CSV, for each
-/// number of clients.
-fn benchmark(net: &TestNet) -> Vec<Vec<Row>> {
-    CLIENTS.iter().map(|c| benchmark_with(net, c)).collect()
+/// number of clients, with the CPU of the VM processes `pids`.
+fn benchmark(net: &TestNet, pids: &[u32]) -> Vec<Measured> {
+    CLIENTS
+        .iter()
+        .map(|c| {
+            let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+            let rows = benchmark_with(net, c);
+            let requests = rows.len() as f64 * REQUESTS.parse::<f64>().unwrap();
+            let cpu_per_1000 = pids
+                .iter()
+                .zip(before)
+                .map(|(p, b)| (cpu_seconds(*p) - b) * 1e3 / (requests / 1000.0))
+                .collect();
+            Measured { rows, cpu_per_1000 }
+        })
+        .collect()
 }
 
 fn benchmark_with(net: &TestNet, clients: &str) -> Vec<Row> {
     let out = net
-        .client_command("redis-benchmark")
+        .client_command("taskset")
+        .args(["-c", "1", "redis-benchmark"])
         .args(["-h", GUEST_IP, "-t", "ping,set,get,incr", "-n", REQUESTS])
         .args(["-c", clients, "--csv"])
         .stdin(Stdio::null())
@@ -111,12 +160,12 @@ fn tmp(tag: &str) -> PathBuf {
     d
 }
 
-fn plain() -> Vec<Vec<Row>> {
+fn plain() -> Vec<Measured> {
     let net = TestNet::new("bp").unwrap();
     let dir = tmp("plain");
     let mut vm = ftvmm(&net, &dir, None);
     wait_for(&dir.join("stdout.txt"), "net mac ");
-    let r = benchmark(&net);
+    let r = benchmark(&net, &[vm.id()]);
     kill(&mut vm);
     r
 }
@@ -128,11 +177,11 @@ fn pair(net: &TestNet, dir: &Path) -> (Child, Child) {
     (p, b)
 }
 
-fn with_ft() -> Vec<Vec<Row>> {
+fn with_ft() -> Vec<Measured> {
     let net = TestNet::new("bf").unwrap();
     let dir = tmp("ft");
     let (mut p, mut b) = pair(&net, &dir);
-    let r = benchmark(&net);
+    let r = benchmark(&net, &[p.id(), b.id()]);
     kill(&mut p);
     kill(&mut b);
     r
@@ -180,11 +229,14 @@ fn main() {
     }
     let base = plain();
     let ft = with_ft();
-    println!("redis-benchmark -t ping,set,get,incr -n {REQUESTS} -c N, guest `{CMDLINE}`\n");
+    println!(
+        "redis-benchmark -t ping,set,get,incr -n {REQUESTS} -c N, guest `{CMDLINE}`; \
+         plain VM and primary on cpu0, backup and client on cpu1\n"
+    );
     println!("| clients | test | req/s without FT | req/s with FT | with / without | p50 ms without / with | p99 ms without / with |");
     println!("|---|---|---|---|---|---|---|");
     for ((c, base), ft) in CLIENTS.iter().zip(&base).zip(&ft) {
-        for (a, b) in base.iter().zip(ft) {
+        for (a, b) in base.rows.iter().zip(&ft.rows) {
             println!(
                 "| {c} | {} | {:.0} | {:.0} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
                 a.0,
@@ -197,6 +249,23 @@ fn main() {
                 b.3
             );
         }
+    }
+    println!("\nCPU seconds per 1000 requests of each VM process (all four tests of the row):\n");
+    println!(
+        "| clients | plain VM | FT primary | FT backup | primary / plain | backup / primary |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for ((c, base), ft) in CLIENTS.iter().zip(&base).zip(&ft) {
+        let (plain, primary, backup) =
+            (base.cpu_per_1000[0], ft.cpu_per_1000[0], ft.cpu_per_1000[1]);
+        println!(
+            "| {c} | {:.3} | {:.3} | {:.3} | {:.2} | {:.2} |",
+            plain / 1e3,
+            primary / 1e3,
+            backup / 1e3,
+            primary / plain,
+            backup / primary
+        );
     }
     let mut gaps: Vec<Duration> = (0..3).map(|_| failover()).collect();
     gaps.sort();
