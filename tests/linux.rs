@@ -11,48 +11,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
-/// The command line the guest needs on this platform (docs/linux.md).
-const CMDLINE: &str = include_str!("../guest/linux/cmdline");
-
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
-}
-
-fn image_or_skip() -> Option<Image> {
-    if !common::kvm_or_skip() {
-        return None;
-    }
-    let dir = std::env::var_os("FTVMM_LINUX_OUT").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/linux"),
-        PathBuf::from,
-    );
-    let img = Image {
-        kernel: dir.join("vmlinux"),
-        initrd: dir.join("initramfs.cpio"),
-    };
-    if img.kernel.exists() && img.initrd.exists() {
-        return Some(img);
-    }
-    let msg = format!(
-        "the Linux guest image is not built ({} or {} missing): run `bash guest/linux/build.sh`",
-        img.kernel.display(),
-        img.initrd.display()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
-}
-
-fn cmdline(workload: &str) -> String {
-    format!("{} ftvmm={workload}", CMDLINE.trim())
-}
+use common::linux::{cmdline, image_or_skip};
 
 fn ftvmm(args: &[&str]) -> (Output, f64) {
     let start = Instant::now();

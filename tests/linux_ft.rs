@@ -12,14 +12,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::linux::{cmdline, image_or_skip, Image};
 use common::pair::{check_extends, check_no_gap, PairDir, Proc, Side};
-
-/// The command line the guest needs on this platform (docs/linux.md).
-const CMDLINE: &str = include_str!("../guest/linux/cmdline");
 
 /// The counter /init prints with `ftvmm=count` (guest/linux/init).
 const COUNT: u32 = 30;
@@ -28,41 +25,9 @@ const COUNT: u32 = 30;
 /// the host has two cores.
 static ONE_PAIR: Mutex<()> = Mutex::new(());
 
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
-}
-
-fn image_or_skip() -> Option<Image> {
-    if !common::kvm_or_skip() {
-        return None;
-    }
-    let dir = std::env::var_os("FTVMM_LINUX_OUT").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/linux"),
-        PathBuf::from,
-    );
-    let img = Image {
-        kernel: dir.join("vmlinux"),
-        initrd: dir.join("initramfs.cpio"),
-    };
-    if img.kernel.exists() && img.initrd.exists() {
-        return Some(img);
-    }
-    let msg = format!(
-        "the Linux guest image is not built ({} or {} missing): run `bash guest/linux/build.sh`",
-        img.kernel.display(),
-        img.initrd.display()
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
-}
-
 /// Both sides: the Linux kernel and initramfs, the counter workload.
 fn side(img: &Image, peer_timeout_ms: u64) -> Side {
-    Side::new(&format!("{} ftvmm=count", CMDLINE.trim()))
+    Side::new(&cmdline("count"))
         .kernel(&img.kernel)
         .args(&["--initrd", img.initrd.to_str().unwrap(), "--mem", "128"])
         .peer_timeout_ms(peer_timeout_ms)

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod linux;
 pub mod pair;
 
 use ftvmm::console::Capture;
